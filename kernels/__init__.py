@@ -1,0 +1,1 @@
+"""CuPy kernels for the performance-critical layers (optional: needs CUDA and CuPy)."""

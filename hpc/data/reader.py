@@ -1,0 +1,264 @@
+"""The streaming reader: per-rank, shuffled, prefetched, exactly resumable batches of torch tensors.
+
+What a rank reads in an epoch is the pure plan of ``hpc.data.shuffle`` (blocks = whole HDF5
+chunks, read as contiguous slices with ``read_direct``; never per-sample fancy indexing on h5py).
+One window of blocks (the bounded shuffle buffer, ``shuffle_buffer_mb``) is in memory at a time,
+plus at most ``prefetch`` finished batches queued by one background thread, which also applies
+normalization and augmentation. h5py handles are opened by that thread (never shared across fork).
+
+Position is (epoch, batches handed out): ``state_dict()`` after the consumer received batch k
+resumes at batch k+1 with exactly the batches (and augmentations) an uninterrupted reader yields.
+The state is the same on every rank (every rank yields ``batches_per_epoch`` batches), so saving
+rank 0's is enough. A different world size or batch size is accepted at an epoch boundary and
+refused mid-epoch (ValueError): re-splitting a half-consumed shuffled epoch would need every
+rank's consumed set.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import threading
+from typing import Any, Callable, Iterator, Mapping
+
+import numpy as np
+import torch
+
+from hpc.data.augment import Augment, batch_generator
+from hpc.data.shardio import ShardFiles, ShardReadError, check_shards, out_dtype
+from hpc.data.manifest import Manifest, load_manifest
+from hpc.data.normalize import normalizer
+from hpc.data.partition import batches_per_epoch
+from hpc.data.shuffle import RankPlan, rank_plan
+from hpc.data.writer import block_rows as default_block_rows
+
+STATE_VERSION = 1
+__all__ = ["StreamingReader", "iter_shard", "ShardReadError", "check_shards"]
+
+
+def _stats_for(m: Manifest, normalize: bool | Mapping | None) -> Mapping[str, dict]:
+    if normalize is True:
+        return {k: v for k, v in m.stats.items() if k in m.input_fields and np.dtype(m.fields[k].dtype).kind == "f"}
+    if not normalize:
+        return {}
+    bad = set(normalize) - set(m.fields)
+    if bad:
+        raise ValueError(f"normalize: stats for unknown field(s) {sorted(bad)}; fields are {sorted(m.fields)}")
+    return dict(normalize)
+
+
+def _to_torch(arrays: Mapping[str, np.ndarray], m: Manifest) -> dict[str, torch.Tensor]:
+    return {k: torch.from_numpy(np.ascontiguousarray(v.astype(out_dtype(m.fields[k].dtype), copy=False)))
+            if k in m.fields else torch.from_numpy(v) for k, v in arrays.items()}
+
+
+class StreamingReader:
+    def __init__(self, split_dir: str | os.PathLike, rank: int = 0, world_size: int = 1,
+                 batch_size: int = 256, seed: int = 0, shuffle: bool = True, remainder: str = "drop",
+                 normalize: bool | Mapping[str, dict] = True, augment: Any = None, prefetch: int = 4,
+                 shuffle_buffer_mb: float = 64.0, block_rows: int | None = None,
+                 weight_fn: Callable[[np.ndarray, int], np.ndarray] | None = None):
+        """``weight_fn(row_ids, epoch) -> weights`` (optional) multiplies each sample's weight:
+        the hook for bootstrap ensembles (e.g. Poisson(1) multiplicities keyed on row id)."""
+        self.manifest = load_manifest(split_dir)
+        m = self.manifest
+        check_shards(m)  # missing / truncated / mis-schema shards fail here, naming the file
+        if world_size < 1 or not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} / world_size {world_size}: need 0 <= rank < world_size")
+        if prefetch < 0:
+            raise ValueError(f"prefetch {prefetch}: must be >= 0 (0 = read in the calling thread)")
+        self.rank, self.world_size, self.batch_size = rank, world_size, batch_size
+        self.seed, self.shuffle, self.remainder = int(seed), bool(shuffle), remainder
+        self.batches_per_epoch = batches_per_epoch(m.total_samples, world_size, batch_size, remainder)
+        self.block_rows = int(block_rows or default_block_rows(m.fields))
+        per_sample = sum(int(np.prod(s.shape, dtype=np.int64)) * np.dtype(s.dtype).itemsize
+                         for s in m.fields.values())
+        self.window_samples = max(batch_size, int(shuffle_buffer_mb * (1 << 20)) // max(per_sample, 1))
+        self.prefetch = prefetch
+        self._norm = normalizer(_stats_for(m, normalize), {k: s.shape for k, s in m.fields.items()})
+        self.augment = Augment.parse(augment)
+        if isinstance(self.augment, Augment):
+            if "x" not in m.fields:
+                raise ValueError(f"{m.path}: augment needs an 'x' field; fields are {sorted(m.fields)}")
+            self.augment.check(m.fields["x"].shape)
+        self.weight_fn = weight_fn
+        self._offsets = np.concatenate([[0], np.cumsum(m.sample_counts)]).astype(np.int64)
+        self.epoch, self.position = 0, 0
+
+    # -- position ------------------------------------------------------------------------------
+    def __len__(self) -> int:
+        return self.batches_per_epoch
+
+    def set_epoch(self, epoch: int) -> None:
+        """Start ``epoch`` at batch 0, unless it is the current epoch (keeps a resumed position)."""
+        if epoch != self.epoch:
+            self.epoch, self.position = int(epoch), 0
+
+    def _config(self) -> dict:
+        return {"world_size": self.world_size, "batch_size": self.batch_size, "seed": self.seed,
+                "shuffle": self.shuffle, "remainder": self.remainder, "block_rows": self.block_rows,
+                "window_samples": self.window_samples}
+
+    def state_dict(self) -> dict:
+        return {"version": STATE_VERSION, "epoch": self.epoch, "batch": self.position,
+                "manifest_sha256": self.manifest.sha256, **self._config()}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        if state.get("manifest_sha256") != self.manifest.sha256:
+            raise ValueError(f"{self.manifest.path}: reader state was saved for another data set "
+                             f"(manifest sha256 {state.get('manifest_sha256')}, this one is "
+                             f"{self.manifest.sha256})")
+        epoch, batch = int(state["epoch"]), int(state["batch"])
+        if batch > 0:
+            diff = {k: (state.get(k), v) for k, v in self._config().items() if state.get(k) != v}
+            if diff:
+                raise ValueError("cannot resume mid-epoch (epoch %d, batch %d) with a different reader "
+                                 "configuration: %s; resume with the saved values, or from an epoch "
+                                 "boundary" % (epoch, batch, ", ".join(f"{k} saved {a} now {b}"
+                                                                       for k, (a, b) in diff.items())))
+        if not 0 <= batch <= self.batches_per_epoch:
+            raise ValueError(f"reader state batch {batch} outside 0..{self.batches_per_epoch}")
+        self.epoch, self.position = epoch, batch
+        if batch == self.batches_per_epoch:
+            self.epoch, self.position = epoch + 1, 0
+
+    # -- iteration -----------------------------------------------------------------------------
+    def plan(self, epoch: int) -> RankPlan:
+        return rank_plan(self.manifest.sample_counts, self.block_rows, self.world_size, self.rank,
+                         self.seed, epoch, self.window_samples, self.shuffle)
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        epoch, start = self.epoch, self.position
+        source = self._batches(epoch, start) if self.prefetch == 0 else self._prefetched(epoch, start)
+        try:
+            for batch in source:
+                self.position += 1
+                yield batch
+        finally:
+            source.close()
+        if self.position >= self.batches_per_epoch and self.epoch == epoch:
+            self.epoch, self.position = epoch + 1, 0
+
+    def _prefetched(self, epoch: int, start: int) -> Iterator[dict[str, torch.Tensor]]:
+        q: queue.Queue = queue.Queue(maxsize=self.prefetch)
+        stop = threading.Event()
+
+        def put(item) -> bool:
+            while not stop.is_set():
+                try:
+                    q.put(item, timeout=0.1)
+                    return True
+                except queue.Full:
+                    continue
+            return False
+
+        def work() -> None:
+            gen = self._batches(epoch, start)
+            try:
+                for b in gen:
+                    if not put(("batch", b)):
+                        return
+                put(("end", None))
+            except BaseException as e:  # forwarded to the consumer, which raises it
+                put(("error", e))
+            finally:
+                gen.close()
+
+        t = threading.Thread(target=work, name=f"hpc-reader-r{self.rank}", daemon=True)
+        t.start()
+        try:
+            while True:
+                kind, item = q.get()
+                if kind == "batch":
+                    yield item
+                elif kind == "error":
+                    raise item
+                else:
+                    return
+        finally:
+            stop.set()
+            t.join()
+
+    def _batches(self, epoch: int, start: int) -> Iterator[dict[str, torch.Tensor]]:
+        m, bs = self.manifest, self.batch_size
+        plan = self.plan(epoch)
+        files = ShardFiles(m)
+        names = list(m.fields)
+        cur_w, cur = -1, None
+        try:
+            for step in range(start, self.batches_per_epoch):
+                a, b = step * bs, min((step + 1) * bs, plan.samples)
+                parts: list[dict[str, np.ndarray]] = []
+                while a < b:
+                    w = plan.window_at(a)
+                    if w != cur_w:
+                        cur_w, cur = w, self._load_window(files, plan, w, names)
+                    hi = min(b, int(plan.starts[w + 1]))
+                    idx = cur["perm"][a - plan.starts[w]:hi - plan.starts[w]]
+                    parts.append({k: cur[k][idx] for k in names + ["row_id"]})
+                    a = hi
+                yield self._finish(parts, epoch, step)
+        finally:
+            files.close()
+
+    def _load_window(self, files: ShardFiles, plan: RankPlan, w: int, names) -> dict[str, np.ndarray]:
+        seg = plan.window_segments(w)
+        data = files.read(seg, names, reuse=True)  # batches are gathered copies: safe to reuse
+        data["row_id"] = np.concatenate([np.arange(self._offsets[s] + a, self._offsets[s] + b)
+                                         for s, a, b in seg.tolist()]).astype(np.int64)
+        data["perm"] = plan.window_perm(w)
+        return data
+
+    def _finish(self, parts: list[dict[str, np.ndarray]], epoch: int, step: int) -> dict[str, torch.Tensor]:
+        m, bs = self.manifest, self.batch_size
+        if len(parts) == 1:
+            arrays = parts[0]
+        elif parts:
+            arrays = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+        else:  # a "pad" batch entirely past this rank's samples
+            arrays = {k: np.zeros((0,) + s.shape, s.dtype) for k, s in m.fields.items()}
+            arrays["row_id"] = np.zeros(0, np.int64)
+        n = len(arrays["row_id"])
+        weight = np.ones(n, np.float32)
+        if self.weight_fn is not None and n:
+            weight *= np.asarray(self.weight_fn(arrays["row_id"], epoch), np.float32)
+        if n < bs:  # remainder="pad": zero-weight padding, row_id -1
+            pad = bs - n
+            arrays = {k: np.concatenate([v, np.zeros((pad,) + v.shape[1:], v.dtype)]) for k, v in arrays.items()}
+            arrays["row_id"][n:] = -1
+            weight = np.concatenate([weight, np.zeros(pad, np.float32)])
+        arrays = {k: self._norm(k, v, inplace=True) for k, v in arrays.items()}  # gathered copies: ours
+        batch = _to_torch(arrays, m)
+        batch["weight"] = torch.from_numpy(weight)
+        if self.augment is not None:
+            batch = self.augment(batch, batch_generator(self.seed, epoch, self.rank, step))
+        return batch
+
+
+def iter_shard(split_dir: str | os.PathLike, shard_index: int, batch_size: int,
+               normalize: bool | Mapping[str, dict] = True) -> Iterator[dict[str, torch.Tensor]]:
+    """Shard ``shard_index`` in order, in batches (the last one short), for batch inference.
+
+    Each batch has the fields plus ``row_id`` (global, manifest order), ``shard_index`` and
+    ``row`` (index inside the shard), all int64, and ``weight`` (1.0).
+    """
+    m = split_dir if isinstance(split_dir, Manifest) else load_manifest(split_dir)
+    if not 0 <= shard_index < len(m.shards):
+        raise ValueError(f"{m.path}: shard_index {shard_index} outside 0..{len(m.shards) - 1}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size {batch_size}: must be >= 1")
+    norm = normalizer(_stats_for(m, normalize), {k: s.shape for k, s in m.fields.items()})
+    offset = sum(m.sample_counts[:shard_index])
+    files = ShardFiles(m)
+    try:
+        n = m.shards[shard_index].samples
+        for a in range(0, n, batch_size):
+            b = min(n, a + batch_size)
+            arrays = files.read(np.array([[shard_index, a, b]], np.int64), list(m.fields))
+            batch = _to_torch({k: norm(k, v, inplace=True) for k, v in arrays.items()}, m)
+            rows = torch.arange(a, b, dtype=torch.int64)
+            batch.update(row=rows, row_id=rows + offset, weight=torch.ones(b - a),
+                         shard_index=torch.full((b - a,), shard_index, dtype=torch.int64))
+            yield batch
+    finally:
+        files.close()

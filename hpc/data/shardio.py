@@ -1,0 +1,192 @@
+"""Shard file access: fail-fast checks, and fast reads of whole chunks / contiguous row ranges.
+
+Reads never use per-sample fancy indexing through h5py. For an unfiltered dataset (no compression)
+whose chunks span whole samples, or a contiguous one, rows are read with ``os.preadv`` straight
+into the destination at the byte offsets HDF5 reports (``H5Dget_chunk_info``/``get_offset``): about
+twice as fast as an H5Dread per chunk, and the GIL is released during the copy, so the prefetch
+thread overlaps the training loop. Anything else (gzip/lzf, partial chunk layouts, big-endian,
+unallocated chunks) goes through HDF5's own read.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import OrderedDict
+
+import h5py
+import numpy as np
+
+from hpc.data.manifest import Manifest
+
+MAX_OPEN_FILES = 64
+
+
+class ShardReadError(RuntimeError):
+    """A shard failed to read mid-epoch; the message names the file (the job should stop)."""
+
+
+def out_dtype(dtype: str) -> np.dtype:
+    """What readers yield: integers as int64, floats as float32 (the models' contract)."""
+    kind = np.dtype(dtype).kind
+    return np.dtype(np.int64) if kind in "iub" else np.dtype(np.float32) if kind == "f" else np.dtype(dtype)
+
+
+def check_shards(m: Manifest, schema: bool = True) -> None:
+    """Fail fast with every problem named: missing or truncated files, wrong datasets/dtypes/shapes."""
+    problems = []
+    for i, info in enumerate(m.shards):
+        path = m.shard_path(i)
+        try:
+            size = os.path.getsize(path)
+        except OSError:
+            problems.append(f"{path}: missing")
+            continue
+        if size != info.bytes:
+            problems.append(f"{path}: size {size} bytes, manifest says {info.bytes} (truncated or replaced)")
+            continue
+        if not schema:
+            continue
+        try:
+            with h5py.File(path, "r") as f:
+                for name, spec in m.fields.items():
+                    ds = f.get(info.datasets.get(name, "/" + name))
+                    if not isinstance(ds, h5py.Dataset):
+                        problems.append(f"{path}: no dataset for field {name!r} "
+                                        f"({info.datasets.get(name)})")
+                    elif ds.dtype.name != spec.dtype or tuple(ds.shape[1:]) != spec.shape:
+                        problems.append(f"{path}: field {name!r} is {ds.dtype}{list(ds.shape[1:])}, "
+                                        f"manifest says {spec.dtype}{list(spec.shape)}")
+                    elif ds.shape[0] < info.samples:
+                        problems.append(f"{path}: field {name!r} has {ds.shape[0]} rows, manifest "
+                                        f"says {info.samples}")
+        except OSError as e:
+            problems.append(f"{path}: not a readable HDF5 file ({e})")
+    if problems:
+        raise ValueError(f"{m.path}: {len(problems)} bad shard(s):\n  " + "\n  ".join(problems))
+
+
+class _Direct:
+    """Byte layout of one unfiltered dataset: rows [a, b) are ``(b - a) * row_bytes`` contiguous bytes
+    at ``offset_of(a)`` as long as they stay inside one chunk (or anywhere, for contiguous data)."""
+
+    def __init__(self, ds: h5py.Dataset):
+        self.row_bytes = int(np.prod(ds.shape[1:], dtype=np.int64)) * ds.dtype.itemsize
+        self.rows = ds.shape[0]
+        if ds.chunks is None:
+            self.chunk_rows, self.offsets = self.rows or 1, np.array([ds.id.get_offset()], dtype=object)
+            if self.offsets[0] is None:  # never written: HDF5 returns fill values
+                raise LookupError
+            return
+        self.chunk_rows = ds.chunks[0]
+        self.offsets = np.full(-(-self.rows // self.chunk_rows), -1, np.int64)
+        for i in range(ds.id.get_num_chunks()):
+            info = ds.id.get_chunk_info(i)
+            self.offsets[info.chunk_offset[0] // self.chunk_rows] = info.byte_offset
+
+    @staticmethod
+    def usable(ds: h5py.Dataset) -> bool:
+        dt = ds.dtype
+        native = dt.byteorder in ("=", "|") or dt.byteorder == ("<" if np.little_endian else ">")
+        whole_rows = ds.chunks is None or tuple(ds.chunks[1:]) == tuple(ds.shape[1:])
+        return (native and whole_rows and not dt.hasobject and dt.kind in "biuf"
+                and ds.compression is None and not ds.shuffle and not ds.fletcher32 and ds.scaleoffset is None)
+
+    def read(self, fd: int, a: int, b: int, dest: np.ndarray) -> bool:
+        """Rows [a, b) into ``dest``; False if a chunk is unallocated (caller falls back to HDF5)."""
+        view = memoryview(dest.reshape(-1).view(np.uint8))
+        pos = 0
+        while a < b:
+            c = a // self.chunk_rows
+            end = min(b, (c + 1) * self.chunk_rows)
+            base = int(self.offsets[c])
+            if base < 0:
+                return False
+            want = (end - a) * self.row_bytes
+            got = os.preadv(fd, [view[pos:pos + want]], base + (a - c * self.chunk_rows) * self.row_bytes)
+            if got != want:
+                raise OSError(f"short read: {got} of {want} bytes (file truncated?)")
+            pos += want
+            a = end
+        return True
+
+
+class ShardFiles:
+    """Lazily opened, LRU-capped handles of one manifest's shards (owned by one thread)."""
+
+    def __init__(self, m: Manifest, direct: bool = True):
+        self.m, self.direct = m, direct
+        self.open: OrderedDict[int, tuple] = OrderedDict()
+        self.buffers: dict[str, np.ndarray] = {}
+
+    def _entry(self, shard: int) -> tuple:
+        entry = self.open.get(shard)
+        if entry is None:
+            path = self.m.shard_path(shard)
+            f = h5py.File(path, "r")
+            # Dataset objects are cached: a path lookup costs about as much as reading a 1 MB chunk.
+            dss = {k: f[self.m.shards[shard].datasets.get(k, "/" + k)] for k in self.m.fields}
+            direct = {}
+            if self.direct:
+                for k, ds in dss.items():
+                    try:
+                        direct[k] = _Direct(ds) if _Direct.usable(ds) else None
+                    except (LookupError, RuntimeError, ValueError):
+                        direct[k] = None
+            fd = os.open(path, os.O_RDONLY) if any(direct.values()) else -1
+            entry = self.open[shard] = (f, dss, direct, fd)
+            if len(self.open) > MAX_OPEN_FILES:
+                self._close(self.open.popitem(last=False)[1])
+        self.open.move_to_end(shard)
+        return entry
+
+    def dataset(self, shard: int, name: str) -> h5py.Dataset:
+        return self._entry(shard)[1][name]
+
+    def read(self, segments: np.ndarray, names, reuse: bool = False) -> dict[str, np.ndarray]:
+        """Read segments (shard, start, stop) back to back. ``reuse``: into buffers kept across calls
+        (valid until the next call; saves re-faulting a fresh window's pages every time)."""
+        n = int((segments[:, 2] - segments[:, 1]).sum()) if len(segments) else 0
+        out = {}
+        for k in names:
+            shape, dtype = (n,) + self.m.fields[k].shape, self.m.fields[k].dtype
+            buf = self.buffers.get(k) if reuse else None
+            if buf is None or buf.shape[0] < n:
+                buf = np.empty(shape, dtype)
+                if reuse:
+                    self.buffers[k] = buf
+            out[k] = buf[:n]
+        pos = 0
+        for shard, a, b in segments.tolist():
+            try:
+                _, dss, direct, fd = self._entry(shard)
+                for k in names:
+                    dest = out[k][pos:pos + b - a]
+                    d = direct.get(k)
+                    if not (d is not None and d.read(fd, a, b, dest)):
+                        self._read_rows(dss[k], a, b, dest)
+            except Exception as e:  # h5py raises OSError/KeyError/ValueError/RuntimeError
+                raise ShardReadError(f"{self.m.shard_path(shard)}: read of rows {a}:{b} failed "
+                                     f"({type(e).__name__}: {e})") from e
+            pos += b - a
+        return out
+
+    @staticmethod
+    def _read_rows(ds: h5py.Dataset, a: int, b: int, dest: np.ndarray) -> None:
+        """Rows [a, b) through HDF5 (low-level API: the high-level read_direct builds two selection
+        objects per call, ~15 % of the time of a 1 MB chunk read)."""
+        if b <= a:
+            return
+        fspace = ds.id.get_space()
+        fspace.select_hyperslab((a,) + (0,) * (ds.ndim - 1), (b - a,) + ds.shape[1:])
+        ds.id.read(h5py.h5s.create_simple(dest.shape), fspace, dest)
+
+    @staticmethod
+    def _close(entry: tuple) -> None:
+        entry[0].close()
+        if entry[3] >= 0:
+            os.close(entry[3])
+
+    def close(self) -> None:
+        for entry in self.open.values():
+            self._close(entry)
+        self.open.clear()

@@ -1,0 +1,95 @@
+"""`hpc data verify`: every shard against its manifest, one line per problem naming the file.
+
+Checks presence, size, sha256 (the expensive part: one sequential read of every byte), that h5py
+opens the file, every field's dataset, dtype, per-sample shape and row count, and (with
+checksums) the class counts recomputed from the labels.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+from hpc.data.manifest import MANIFEST_NAME, Manifest, load_manifest
+from hpc.util.io import sha256_file
+
+
+def _check_shard(m: Manifest, i: int, checksums: bool, counts: np.ndarray | None) -> list[str]:
+    info, path = m.shards[i], m.shard_path(i)
+    if not path.exists():
+        return [f"{path}: missing"]
+    size = os.path.getsize(path)
+    if size != info.bytes:
+        return [f"{path}: size {size} bytes, manifest says {info.bytes} (truncated or replaced)"]
+    out = []
+    if checksums:
+        digest = sha256_file(path)
+        if digest != info.sha256:
+            out.append(f"{path}: sha256 {digest[:16]}... does not match the manifest's {info.sha256[:16]}... "
+                       "(the file's bytes changed)")
+    try:
+        with h5py.File(path, "r") as f:
+            for name, spec in m.fields.items():
+                dpath = info.datasets.get(name, "/" + name)
+                ds = f.get(dpath)
+                if not isinstance(ds, h5py.Dataset):
+                    out.append(f"{path}: field {name!r}: no dataset {dpath}")
+                    continue
+                if ds.dtype.name != spec.dtype or tuple(ds.shape[1:]) != spec.shape:
+                    out.append(f"{path}: field {name!r}: {ds.dtype}{list(ds.shape[1:])}, manifest says "
+                               f"{spec.dtype}{list(spec.shape)}")
+                if ds.shape[0] != info.samples:
+                    out.append(f"{path}: field {name!r}: {ds.shape[0]} rows, manifest says {info.samples}")
+                elif checksums and counts is not None and name == "y":
+                    step = 1 << 20
+                    for a in range(0, info.samples, step):
+                        y = ds[a:a + step].astype(np.int64)
+                        if len(y) and (y.min() < 0 or y.max() >= len(counts)):
+                            out.append(f"{path}: labels outside 0..{len(counts) - 1}")
+                            break
+                        counts += np.bincount(y, minlength=len(counts))
+    except OSError as e:
+        out.append(f"{path}: h5py cannot open it ({e})")
+    return out
+
+
+def verify(split_dir: str | os.PathLike, checksums: bool = True) -> tuple[list[str], int]:
+    """Return (problems, shards checked) for one split."""
+    try:
+        m = load_manifest(split_dir)
+    except ValueError as e:
+        return [str(e)], 0
+    problems: list[str] = []
+    where = m.path / MANIFEST_NAME
+    counts = None
+    if m.task == "classification" and m.class_counts is not None:
+        counts = np.zeros(len(m.class_counts), np.int64)
+        if sum(m.class_counts) != m.total_samples:
+            problems.append(f"{where}: class_counts sum to {sum(m.class_counts)}, total_samples is {m.total_samples}")
+    for i in range(len(m.shards)):
+        problems += _check_shard(m, i, checksums, counts)
+    if checksums and counts is not None and not problems and counts.tolist() != list(m.class_counts):
+        problems.append(f"{where}: class counts in the shards {counts.tolist()} differ from the manifest's "
+                        f"{m.class_counts}")
+    return problems, len(m.shards)
+
+
+def verify_tree(path: str | os.PathLike, checksums: bool = True) -> tuple[list[str], int]:
+    """Verify a split directory, or every split under a data set directory."""
+    p = Path(path)
+    if not p.exists():
+        return [f"{p}: no such directory"], 0
+    if (p / MANIFEST_NAME).exists():
+        return verify(p, checksums)
+    splits = sorted(d.parent for d in p.glob(f"*/{MANIFEST_NAME}"))
+    if not splits:
+        return [f"{p}: no {MANIFEST_NAME} here or in its subdirectories"], 0
+    problems, n = [], 0
+    for s in splits:
+        pr, k = verify(s, checksums)
+        problems += pr
+        n += k
+    return problems, n

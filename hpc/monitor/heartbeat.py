@@ -1,0 +1,263 @@
+"""Per-rank heartbeat: where each rank is (step, phase) and where its time went, in a small JSON file.
+
+``RUN_DIR/heartbeat/rank-R.json`` is rewritten atomically every ``interval_s`` by a daemon thread.
+The hot path (``hb.phase("comm")``, ``hb.set_step(...)``) does no I/O and takes no lock: it stores a
+few attributes (about a microsecond per call); the thread snapshots them. Readers: the watchdog
+(which rank is behind), ``hpc status`` (live view) and ``hpc report`` (goodput, step-time
+distribution, throughput over time).
+
+The file also keeps the history a report needs without the trainer's metrics: a log-bucket
+histogram of step times, the durations of checkpoint/eval phases, a decimated (time, step,
+samples) series and one entry per attempt (a Slurm requeue restarts the process: the new
+Heartbeat finds the old file and appends an attempt, so time lost to requeues can be computed).
+"""
+
+from __future__ import annotations
+
+import collections
+import math
+import os
+import socket
+import threading
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+from hpc.util.io import atomic_write_json, read_json
+
+PHASES = ("data", "compute", "comm", "checkpoint", "eval", "idle")
+STEP_PHASES = ("data", "compute", "comm")  # productive step time (goodput's numerator)
+HEARTBEAT_DIR = "heartbeat"
+FORMAT_VERSION = 1
+# Step-time histogram: log-spaced bucket edges from 1 ms to ~1.6 h, 8 buckets per decade.
+HIST_LO_S, HIST_PER_DECADE, HIST_BUCKETS = 1e-3, 8, 56
+SERIES_MAX = 256      # points kept in the throughput series (halved by decimation when full)
+EVENTS_MAX = 500      # checkpoint/eval durations kept
+_EVENT_PHASES = ("checkpoint", "eval")
+
+
+def hist_bucket(seconds: float) -> int:
+    """Index of the histogram bucket holding ``seconds`` (pure; clamps at both ends)."""
+    if seconds <= HIST_LO_S:
+        return 0
+    i = int(math.floor(math.log10(seconds / HIST_LO_S) * HIST_PER_DECADE)) + 1
+    return min(i, HIST_BUCKETS - 1)
+
+
+def hist_edges() -> list[float]:
+    """Upper edge of each bucket in seconds (bucket 0 is <= 1 ms; the last is open-ended)."""
+    return [HIST_LO_S * 10 ** (i / HIST_PER_DECADE) for i in range(HIST_BUCKETS)]
+
+
+def hist_quantile(counts: list[int], q: float) -> float | None:
+    """Upper bucket edge below which a fraction ``q`` of steps fall (pure; None when empty)."""
+    total = sum(counts)
+    if total == 0:
+        return None
+    need, seen = q * total, 0
+    edges = hist_edges()
+    for i, c in enumerate(counts):
+        seen += c
+        if seen >= need and c:
+            return edges[i]
+    return edges[-1]
+
+
+def heartbeat_path(run_dir: str | os.PathLike, rank: int) -> Path:
+    return Path(run_dir) / HEARTBEAT_DIR / f"rank-{rank}.json"
+
+
+def read_heartbeats(run_dir: str | os.PathLike) -> dict[int, dict]:
+    """All ranks' heartbeats by rank; unreadable files are skipped (a writer may be mid-rename)."""
+    out: dict[int, dict] = {}
+    for p in sorted((Path(run_dir) / HEARTBEAT_DIR).glob("rank-*.json")):
+        try:
+            hb = read_json(p)
+            out[int(hb["rank"])] = hb
+        except (ValueError, KeyError, TypeError):
+            continue
+    return out
+
+
+class _Phase:
+    """Context manager returned by ``Heartbeat.phase``: two clock reads and a few assignments."""
+
+    __slots__ = ("hb", "name", "prev")
+
+    def __init__(self, hb: "Heartbeat", name: str):
+        self.hb, self.name, self.prev = hb, name, None
+
+    def __enter__(self) -> "_Phase":
+        self.prev = self.hb._switch(self.name)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.hb._switch(self.prev)
+
+
+class Heartbeat:
+    """Write ``heartbeat/rank-R.json`` every ``interval_s`` from a daemon thread.
+
+    ``with hb.phase("comm"): ...`` marks time; phases nest (the inner one counts, the outer resumes
+    after it). Call ``hb.set_step(step, epoch, samples=n)`` once per step (``samples``: this rank's
+    samples in that step, for samples/s), ``hb.close("done"|"failed"|...)`` at the end.
+    """
+
+    def __init__(self, run_dir: str | os.PathLike, rank: int, interval_s: float = 5.0, *,
+                 world_size: int | None = None, total_steps: int | None = None,
+                 restart_count: int | None = None, job_id: str | None = None, start: bool = True,
+                 clock: Callable[[], float] | None = None):
+        if not interval_s > 0:
+            raise ValueError(f"heartbeat interval_s={interval_s!r}: must be a positive number of seconds")
+        if rank < 0:
+            raise ValueError(f"heartbeat rank={rank!r}: must be >= 0")
+        self.run_dir, self.rank, self.interval_s = Path(run_dir), int(rank), float(interval_s)
+        self.path = heartbeat_path(run_dir, rank)
+        self.world_size, self.total_steps = world_size, total_steps
+        self.job_id = job_id if job_id is not None else os.environ.get("SLURM_JOB_ID")
+        if restart_count is None:
+            restart_count = int(os.environ.get("SLURM_RESTART_COUNT") or 0)
+        self.restart_count = restart_count
+        # ``clock`` (simulations, tests): one callable giving epoch seconds for both wall and durations.
+        self._mono = clock or time.monotonic
+        self._wall = clock or time.time
+        self.started = self._wall()
+        self._t0 = self._mono()
+        # Hot-path state (written by the training thread, read by the writer/watchdog threads).
+        self._cur: tuple[str, float] = ("idle", self._t0)   # one tuple: read and written atomically
+        self._phase_s = dict.fromkeys(PHASES, 0.0)
+        self.step: int | None = None
+        self.epoch: int | None = None
+        self.samples = 0
+        self._first_step: int | None = None
+        self._step_t: float | None = None
+        self._hist = [0] * HIST_BUCKETS
+        self._events: list[list] = []
+        self._series: list[list] = []
+        self._series_every = 1
+        self._recent: collections.deque = collections.deque(maxlen=6)  # for the current rate
+        self._beats = 0
+        self.state = "running"
+        self._attempts = self._previous_attempts()
+        self._stop = threading.Event()
+        self._write_lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+        if start:
+            self.write()
+            self._thread = threading.Thread(target=self._loop, name=f"heartbeat-{rank}", daemon=True)
+            self._thread.start()
+
+    # -- hot path ---------------------------------------------------------------------------
+    def phase(self, name: str) -> _Phase:
+        if name not in PHASES:
+            raise ValueError(f"heartbeat phase {name!r} is not one of {', '.join(PHASES)}")
+        return _Phase(self, name)
+
+    def _switch(self, name: str) -> str:
+        now = self._mono()
+        prev, since = self._cur
+        self._phase_s[prev] += now - since
+        if prev in _EVENT_PHASES and len(self._events) < EVENTS_MAX:
+            self._events.append([prev, round(self.started + since - self._t0, 3), round(now - since, 4),
+                                 self.step])
+        self._cur = (name, now)
+        return prev
+
+    def set_step(self, step: int, epoch: int | None = None, samples: int = 0) -> None:
+        """Record that ``step`` (global, 0-based or 1-based: the trainer's own count) finished."""
+        now = self._mono()
+        if self._step_t is not None:
+            self._hist[hist_bucket(now - self._step_t)] += 1
+        else:
+            self._first_step = step
+        self._step_t = now
+        self.step, self.epoch = step, epoch
+        self.samples += samples
+
+    # -- reading ---------------------------------------------------------------------------
+    def current(self) -> tuple[str, float, int | None]:
+        """(phase, seconds in it so far, last step): what the watchdog polls."""
+        name, since = self._cur
+        return name, self._mono() - since, self.step
+
+    def snapshot(self, record: bool = False) -> dict[str, Any]:
+        """The heartbeat as a dict; ``record`` (the writer only) also advances the series."""
+        now_m, now = self._mono(), self._wall()
+        name, since = self._cur
+        phase_s = dict(self._phase_s)
+        phase_s[name] += now_m - since  # include the phase in progress
+        elapsed = now_m - self._t0
+        if record:
+            if self._beats % self._series_every == 0:
+                self._series.append([round(elapsed, 3), self.step, self.samples])
+                if len(self._series) > SERIES_MAX:  # keep the whole run at halving resolution
+                    self._series = self._series[::2]
+                    self._series_every *= 2
+            self._beats += 1
+            self._recent.append([elapsed, self.step, self.samples])
+        rate = _rate(list(self._recent))
+        attempt = {"restart_count": self.restart_count, "job_id": self.job_id, "started": self.started,
+                   "last": now, "first_step": self._first_step, "last_step": self.step,
+                   "phase_s": {k: round(v, 4) for k, v in phase_s.items()}}
+        return {
+            "format_version": FORMAT_VERSION, "rank": self.rank, "world_size": self.world_size,
+            "host": socket.gethostname(), "pid": os.getpid(), "job_id": self.job_id,
+            "restart_count": self.restart_count, "state": self.state,
+            "time": now, "started": self.started, "interval_s": self.interval_s,
+            "step": self.step, "epoch": self.epoch, "total_steps": self.total_steps,
+            "samples": self.samples, "samples_per_s": rate[0], "steps_per_s": rate[1],
+            "phase": name, "phase_elapsed_s": round(now_m - since, 4),
+            "phase_s": {k: round(v, 4) for k, v in phase_s.items()},
+            "step_hist": {"lo_s": HIST_LO_S, "per_decade": HIST_PER_DECADE, "counts": list(self._hist)},
+            "events": list(self._events), "series": [list(p) for p in self._series],
+            "attempts": self._attempts + [attempt],
+        }
+
+    # -- writing ---------------------------------------------------------------------------
+    def write(self) -> None:
+        with self._write_lock:
+            try:
+                atomic_write_json(self.path, self.snapshot(record=True))
+            except OSError:
+                pass  # a full or flaky file system must not kill training; status shows the age
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            self.write()
+
+    def close(self, state: str = "done") -> None:
+        """Stop the thread and write the final heartbeat with ``state`` (done, failed, hung, ...)."""
+        self._switch("idle")
+        self.state = state
+        self._stop.set()
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join(timeout=self.interval_s + 5)
+        self.write()
+
+    def __enter__(self) -> "Heartbeat":
+        return self
+
+    def __exit__(self, exc_type, *_exc) -> None:
+        self.close("done" if exc_type is None else "failed")
+
+    def _previous_attempts(self) -> list[dict]:
+        """Attempts recorded by earlier processes of this run on this rank (requeues)."""
+        if not self.path.exists():
+            return []
+        try:
+            old = read_json(self.path)
+        except ValueError:
+            return []
+        return list(old.get("attempts") or [])
+
+
+def _rate(series: list[list]) -> tuple[float | None, float | None]:
+    """(samples/s, steps/s) between the first and last of ``series`` [(t, step, samples)] (pure)."""
+    pts = [p for p in series if p[1] is not None]
+    if len(pts) < 2:
+        return None, None
+    a, b = pts[0], pts[-1]
+    dt = b[0] - a[0]
+    if dt <= 0:
+        return None, None
+    return round((b[2] - a[2]) / dt, 3), round((b[1] - a[1]) / dt, 5)

@@ -1,0 +1,272 @@
+"""The training config: typed dataclasses read from YAML plus dotted ``key=value`` overrides.
+
+``load_config(path_or_dict, overrides)`` returns a validated ``TrainConfig``; any unknown key,
+wrong type or impossible value is a ``ValueError`` naming the file, the key and what is valid (the
+CLI exits 2 before any rank starts). ``model.config`` is validated by the model family's own
+dataclass (``hpc.models.registry.model_config``). See docs/train.md for every key.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from hpc.models._typed import from_dict, require, to_dict
+
+CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
+
+
+@dataclass
+class DataConfig:
+    dir: str = ""                      # holds train/ val/ test/ split directories
+    batch_size: int = 64               # GLOBAL batch: split evenly over the ranks
+    eval_batch_size: int = 0           # global; 0 = batch_size
+    shuffle: bool = True
+    shuffle_buffer_mb: float = 64.0    # the reader's bounded shuffle window per rank
+    normalize: bool = True
+    augment: dict | str | None = None  # the reader's Augment: {flip, crop_pad, rotate_deg, noise_std}
+    prefetch: int = 2
+    remainder: Literal["drop", "pad"] = "drop"   # training; evaluation always pads (zero weight)
+
+    def check(self, where: str) -> None:
+        require(bool(self.dir), f"{where}.dir", "is required (a directory made by `hpc data shard|synth`)")
+        require(self.batch_size > 0, f"{where}.batch_size", f"must be > 0, got {self.batch_size}")
+        require(self.eval_batch_size >= 0, f"{where}.eval_batch_size", "must be >= 0")
+        require(self.prefetch >= 0, f"{where}.prefetch", "must be >= 0")
+        require(self.shuffle_buffer_mb > 0, f"{where}.shuffle_buffer_mb", "must be > 0")
+        if self.augment is not None:
+            from hpc.data.augment import Augment
+
+            try:
+                Augment.parse(self.augment)
+            except (ValueError, TypeError) as e:
+                raise ValueError(f"{where}.augment: {e}") from None
+
+
+@dataclass
+class ModelSection:
+    family: str = ""
+    config: dict = field(default_factory=dict)
+
+    def check(self, where: str) -> None:
+        from hpc.models.registry import list_models, model_config
+
+        require(bool(self.family), f"{where}.family", f"is required; one of {', '.join(list_models())}")
+        model_config(self.family, self.config, f"{where}.config")
+
+
+@dataclass
+class OptimConfig:
+    name: Literal["sgd", "adam", "adamw"] = "sgd"
+    lr: float = 0.1
+    momentum: float = 0.0
+    nesterov: bool = False
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    eps: float = 1e-8
+    weight_decay: float = 0.0
+    decay_bias_and_norm: bool = False  # false: no weight decay on 1-d params (biases, norm scales)
+    # linear: lr x world size (Goyal et al.), for users who grow the global batch with the ranks.
+    lr_scaling: Literal["none", "linear"] = "none"
+    schedule: Literal["constant", "step", "cosine"] = "constant"
+    warmup_steps: int = 0
+    step_size: int = 1000              # schedule=step: multiply by gamma every step_size steps
+    gamma: float = 0.1
+    min_lr: float = 0.0                # schedule=cosine: the floor
+    fused: bool = False                # one flat-buffer optimizer from hpc.models.ops (CuPy on GPU)
+    clip_grad_norm: float = 0.0        # 0 = off
+
+    def check(self, where: str) -> None:
+        require(self.lr > 0, f"{where}.lr", f"must be > 0, got {self.lr}")
+        require(0 <= self.momentum < 1, f"{where}.momentum", f"must be in [0, 1), got {self.momentum}")
+        require(not self.nesterov or (self.name == "sgd" and self.momentum > 0), f"{where}.nesterov",
+                "needs name=sgd and momentum > 0")
+        require(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), f"{where}.betas",
+                f"must be two numbers in [0, 1), got {self.betas}")
+        require(self.eps > 0, f"{where}.eps", "must be > 0")
+        require(self.weight_decay >= 0, f"{where}.weight_decay", "must be >= 0")
+        require(self.warmup_steps >= 0, f"{where}.warmup_steps", "must be >= 0")
+        require(self.step_size > 0, f"{where}.step_size", "must be > 0")
+        require(0 < self.gamma <= 1, f"{where}.gamma", f"must be in (0, 1], got {self.gamma}")
+        require(0 <= self.min_lr <= self.lr, f"{where}.min_lr", "must be in [0, lr]")
+        require(self.clip_grad_norm >= 0, f"{where}.clip_grad_norm", "must be >= 0")
+        require(not (self.fused and self.decay_bias_and_norm is False and self.weight_decay > 0),
+                f"{where}.fused", "the fused optimizer has one parameter group: set "
+                "decay_bias_and_norm: true (or weight_decay: 0) with fused: true")
+
+
+@dataclass
+class TrainSection:
+    epochs: int = 1
+    max_steps: int = 0                 # 0 = epochs x batches per epoch
+    grad_accum: int = 1                # micro-batches per optimizer step (sync only on the last)
+    eval_every: int = 0                # steps; 0 = at the end of every epoch
+    log_every: int = 10                # steps between metrics.jsonl lines
+    patience: int = 0                  # early stopping: evaluations without improvement; 0 = off
+    monitor: str = "loss"              # val metric for best model / early stopping
+    max_nonfinite: int = 3             # consecutive non-finite steps skipped before stopping
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"   # bf16/fp16: autocast (fp16 on GPU only)
+    progress: bool = True              # tqdm bar on rank 0
+
+    def check(self, where: str) -> None:
+        require(self.epochs >= 1, f"{where}.epochs", f"must be >= 1, got {self.epochs}")
+        require(self.max_steps >= 0, f"{where}.max_steps", "must be >= 0")
+        require(self.grad_accum >= 1, f"{where}.grad_accum", "must be >= 1")
+        require(self.eval_every >= 0, f"{where}.eval_every", "must be >= 0")
+        require(self.log_every >= 1, f"{where}.log_every", "must be >= 1")
+        require(self.patience >= 0, f"{where}.patience", "must be >= 0")
+        require(self.max_nonfinite >= 0, f"{where}.max_nonfinite", "must be >= 0")
+        valid = ("loss", "accuracy", "top5", "rmse", "auc")
+        require(self.monitor in valid, f"{where}.monitor", f"{self.monitor!r} is not one of {', '.join(valid)}")
+
+
+@dataclass
+class DistSection:
+    backend: Literal["auto", "mpi", "torch", "horovod", "local"] = "auto"
+    bucket_mb: float = 25.0
+    compression: Literal["none", "fp16"] = "none"
+    timeout_s: float = 300.0
+
+    def check(self, where: str) -> None:
+        require(self.bucket_mb > 0, f"{where}.bucket_mb", "must be > 0")
+        require(self.timeout_s > 0, f"{where}.timeout_s", "must be > 0")
+
+
+@dataclass
+class CheckpointSection:
+    every_steps: int = 0               # 0 = off
+    every_minutes: float = 0.0         # 0 = off (checked at step boundaries, decided by rank 0)
+    keep: int = 3
+    at_end: bool = True
+
+    def check(self, where: str) -> None:
+        require(self.every_steps >= 0, f"{where}.every_steps", "must be >= 0")
+        require(self.every_minutes >= 0, f"{where}.every_minutes", "must be >= 0")
+        require(self.keep >= 1, f"{where}.keep", f"must be >= 1, got {self.keep}")
+
+
+@dataclass
+class RegistrySection:
+    name: str = ""
+    alias: str | None = None
+    root: str | None = None            # default: $HPC_REGISTRY or ./registry
+    source: Literal["best", "last"] = "best"
+
+    def check(self, where: str) -> None:
+        require(bool(self.name), f"{where}.name", "is required when registry is set")
+
+
+@dataclass
+class TrainConfig:
+    name: str = "run"
+    run_id: str | None = None          # default: slurm-<job>[_<task>] under Slurm, else a timestamp
+    out_dir: str = "runs"
+    seed: int = 0
+    resume: str = "never"              # never | auto | PATH of a checkpoint directory
+    kernels: Literal["auto", "torch", "cupy"] = "auto"
+    imports: list[str] = field(default_factory=list)   # modules that register user models
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelSection = field(default_factory=ModelSection)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainSection = field(default_factory=TrainSection)
+    dist: DistSection = field(default_factory=DistSection)
+    checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
+    registry: RegistrySection | None = None
+
+    def check(self, where: str) -> None:
+        require(bool(self.name) and "/" not in self.name, f"{where}.name", f"must be a plain name, got {self.name!r}")
+        require(self.run_id is None or (bool(self.run_id) and "/" not in self.run_id), f"{where}.run_id",
+                f"must be a plain name, got {self.run_id!r}")
+
+    def to_dict(self) -> dict:
+        return to_dict(self)
+
+    def hash(self) -> str:
+        """sha256 of the settings that change the math (not names, paths or logging)."""
+        d = self.to_dict()
+        for k in ("name", "run_id", "out_dir", "resume", "registry", "checkpoint"):
+            d.pop(k, None)
+        d["train"] = {k: v for k, v in d["train"].items() if k not in ("progress", "log_every")}
+        d["dist"] = {k: v for k, v in d["dist"].items() if k != "timeout_s"}
+        return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()
+
+
+def resolve_path(spec: str) -> Path:
+    """A config file path, or the name of a shipped config (``digits_cnn`` -> hpc/configs/...)."""
+    p = Path(spec)
+    if p.is_file():
+        return p
+    shipped = CONFIG_DIR / (spec if spec.endswith(".yaml") else f"{spec}.yaml")
+    if shipped.is_file():
+        return shipped
+    names = sorted(q.stem for q in CONFIG_DIR.glob("*.yaml"))
+    raise ValueError(f"config {spec!r}: no such file, and not a shipped config ({', '.join(names)})")
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    if "=" not in item or item.startswith("="):
+        raise ValueError(f"override {item!r}: expected key=value with a dotted key, e.g. optim.lr=0.01")
+    key, raw = item.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.strip().split("."), value
+
+
+def apply_overrides(data: dict, overrides) -> dict:
+    """Set dotted keys in a nested dict (a copy); intermediate mappings are created as needed."""
+    data = json.loads(json.dumps(data))
+    for item in overrides:
+        keys, value = parse_override(item)
+        d = data
+        for k in keys[:-1]:
+            if not isinstance(d.get(k), dict):
+                d[k] = {}
+            d = d[k]
+        d[keys[-1]] = value
+    return data
+
+
+def load_config(source: str | Path | dict | TrainConfig, overrides=()) -> TrainConfig:
+    """Read, override and validate; ValueError names the file and the bad key."""
+    where = "config"
+    if isinstance(source, TrainConfig):
+        data = source.to_dict()
+    elif isinstance(source, dict):
+        data = source
+    else:
+        path = resolve_path(str(source))
+        where = str(path)
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ValueError(f"{path}: not valid YAML: {e}") from None
+        if not isinstance(data, dict):
+            raise ValueError(f"{path}: the top level must be a mapping of keys")
+    data = apply_overrides(data, overrides)
+    _import_plugins(data.get("imports") or [], where)
+    try:
+        return from_dict(TrainConfig, data, "config")
+    except ValueError as e:
+        raise ValueError(f"{where}: {e}" if where != "config" else str(e)) from None
+
+
+def _import_plugins(modules, where: str) -> None:
+    import importlib
+
+    if not isinstance(modules, list):
+        raise ValueError(f"{where}: config.imports must be a list of module names")
+    for m in modules:
+        try:
+            importlib.import_module(str(m))
+        except ImportError as e:
+            raise ValueError(f"{where}: config.imports: cannot import {m!r}: {e}") from None
+
+
+def dump_yaml(cfg: TrainConfig) -> str:
+    return yaml.safe_dump(cfg.to_dict(), sort_keys=False)

@@ -1,0 +1,499 @@
+"""The synchronous data-parallel training loop (one process per rank; see docs/train.md).
+
+Per optimizer step: ``grad_accum`` micro-batches (all but the last under ``GradSync.no_sync``), the
+fused gradient all-reduce, then ONE small all-reduce of ``[loss, non-finite, stop, checkpoint]``
+that gives every rank the global loss and the same decisions (skip a non-finite step, stop on a
+preemption signal, checkpoint on rank 0's clock). The optimizer step follows; validation, logging
+and checkpoints happen at step boundaries, which every rank reaches in the same order.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import random
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from hpc.models import ops
+from hpc.models.registry import build_model, task_of
+from hpc.train import preempt
+from hpc.train.checkpoint import Checkpoints, load_model, save_model
+from hpc.train.config import TrainConfig, dump_yaml
+from hpc.train.metrics import MetricSums, higher_is_better
+from hpc.train.optim import build_optimizer, lr_at, set_lr
+from hpc.train.rundir import MetricsLog, resolve_run_dir, setup_logging
+from hpc.util.io import atomic_write_json, atomic_write_text
+from hpc.util.versions import code_version, versions
+
+log = logging.getLogger("hpc.train")
+TARGET = {"classification": "y", "regression": "y", "ratings": "rating"}
+
+
+class NonFiniteError(RuntimeError):
+    pass
+
+
+@dataclasses.dataclass
+class Data:
+    """What the trainer needs from the data layer (``load_data``) or from a test/benchmark."""
+    schema: dict
+    train: object                      # reader: set_epoch, __iter__, batches_per_epoch, state_dict
+    val: object | None = None
+    test: object | None = None
+    info: dict = dataclasses.field(default_factory=dict)   # summary["data"]
+
+
+def load_data(cfg: TrainConfig, rank: int, world_size: int) -> Data:
+    from hpc.data import StreamingReader, load_manifest
+
+    d = cfg.data
+    root = Path(d.dir)
+    if d.batch_size % world_size:
+        raise ValueError(f"data.batch_size={d.batch_size} (the global batch) is not divisible by the "
+                         f"{world_size} ranks; choose a multiple of {world_size}")
+    manifest = load_manifest(root / "train")
+    schema = manifest.schema()
+    mean = (manifest.stats.get("rating") or {}).get("mean")
+    if mean is not None:
+        schema["rating_mean"] = float(np.mean(mean))
+    per_rank = d.batch_size // world_size
+    eval_per_rank = max(1, (d.eval_batch_size or d.batch_size) // world_size)
+    common = dict(rank=rank, world_size=world_size, seed=cfg.seed, normalize=d.normalize,
+                  prefetch=d.prefetch, shuffle_buffer_mb=d.shuffle_buffer_mb)
+    train = StreamingReader(root / "train", batch_size=per_rank, shuffle=d.shuffle,
+                            remainder=d.remainder, augment=d.augment, **common)
+    if train.batches_per_epoch < cfg.train.grad_accum:
+        raise ValueError(f"{root / 'train'}: {manifest.total_samples} samples give {train.batches_per_epoch} "
+                         f"batches of {d.batch_size} per epoch, fewer than train.grad_accum="
+                         f"{cfg.train.grad_accum}; lower data.batch_size")
+    splits = {}
+    for split in ("val", "test"):
+        if (root / split / "manifest.json").is_file():
+            splits[split] = StreamingReader(root / split, batch_size=eval_per_rank, shuffle=False,
+                                            remainder="pad", **common)
+    info = {"dir": str(root.resolve()), "manifest_sha256": manifest.sha256, "schema": schema,
+            "stats": manifest.stats, "samples": {"train": manifest.total_samples,
+                                                 **{k: r.manifest.total_samples for k, r in splits.items()}}}
+    return Data(schema, train, splits.get("val"), splits.get("test"), info)
+
+
+class Trainer:
+    def __init__(self, cfg: TrainConfig, comm, data: Data | None = None):
+        self.cfg, self.comm = cfg, comm
+        self.rank, self.world = comm.rank, comm.size
+        self.t_start = time.time()
+        run_dir, explicit = resolve_run_dir(cfg, comm.world) if self.rank == 0 else (None, None)
+        run_dir, explicit = comm.broadcast_object((str(run_dir), explicit and str(explicit)))
+        self.run_dir = Path(run_dir)
+        self.explicit_ckpt = Path(explicit) if explicit else None
+        self._handlers = setup_logging(self.rank, self.run_dir)
+        if self.rank == 0:
+            (self.run_dir / "models").mkdir(parents=True, exist_ok=True)
+            atomic_write_text(self.run_dir / "config.yaml", dump_yaml(cfg))
+        self.device = (torch.device("cuda", comm.world.local_rank % torch.cuda.device_count())
+                       if torch.cuda.is_available() else torch.device("cpu"))
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
+        if cfg.train.precision == "fp16" and self.device.type != "cuda":
+            raise ValueError("train.precision=fp16 needs a CUDA GPU; use bf16 or fp32 on CPU")
+        ops.set_kernels(cfg.kernels)
+        _seed_everything(cfg.seed)
+        self.data = data or load_data(cfg, self.rank, self.world)
+        self.family = cfg.model.family
+        self.task = task_of(self.family)
+        self.model = build_model(self.family, cfg.model.config, self.data.schema).to(self.device)
+        self.opt = build_optimizer(self.model, cfg.optim, self.world)
+        self.scaler = torch.amp.GradScaler("cuda") if cfg.train.precision == "fp16" else None
+        from hpc.dist.grad_sync import GradSync, broadcast_optimizer_state, broadcast_parameters
+
+        self._broadcast_params, self._broadcast_opt = broadcast_parameters, broadcast_optimizer_state
+        self.sync = GradSync(comm, [p for p in self.model.parameters() if p.requires_grad],
+                             bucket_mb=cfg.dist.bucket_mb,
+                             compression=None if cfg.dist.compression == "none" else cfg.dist.compression)
+        self.ckpt = Checkpoints(self.run_dir / "checkpoints", comm, cfg.checkpoint.keep)
+        self.metrics_log = MetricsLog(self.run_dir / "metrics.jsonl", self.rank == 0)
+        steps_per_epoch = self.data.train.batches_per_epoch // cfg.train.grad_accum
+        self.total_steps = cfg.train.max_steps or cfg.train.epochs * steps_per_epoch
+        # Progress and bookkeeping (all of it goes into checkpoints, so resume continues exactly).
+        self.step, self.epoch, self.batch_in_epoch = 0, 0, 0
+        self.last_val_step = -1
+        self.best: dict = {"value": None, "step": None, "metrics": {}}
+        self.evals_since_best = 0
+        self.nonfinite_run = 0
+        self.last_saved: tuple | None = None
+        self.timers = {"data": 0.0, "comm": 0.0, "step": 0.0, "samples": 0}
+        self.flag = preempt.PreemptFlag().install()
+        self._resume()
+        self._broadcast_params(comm, self.model)
+        self._broadcast_opt(comm, self.opt)
+
+    # -- resume / checkpoint ----------------------------------------------------------------------
+    def _resume(self) -> None:
+        if self.cfg.resume == "never" and self.explicit_ckpt is None:
+            return
+        path = self.ckpt.choose(self.explicit_ckpt)
+        if path is None:
+            log.info("resume=%s: no checkpoint in %s; starting from scratch", self.cfg.resume, self.ckpt.dir)
+            return
+        shared, mine = self.ckpt.load(path, self.model, self.opt)
+        if shared["config_hash"] != self.cfg.hash():
+            log.warning("resuming %s written with a different config (hash %s, now %s): the result will "
+                        "not equal an uninterrupted run", path, shared["config_hash"][:12], self.cfg.hash()[:12])
+        self.step, self.epoch, self.batch_in_epoch = shared["step"], shared["epoch"], shared["batch_in_epoch"]
+        self.last_val_step = shared["last_val_step"]
+        self.best, self.evals_since_best = shared["best"], shared["evals_since_best"]
+        self.nonfinite_run = shared["nonfinite_run"]
+        if self.scaler is not None and shared.get("scaler"):
+            self.scaler.load_state_dict(shared["scaler"])
+        self.data.train.load_state_dict(mine["reader"])
+        self.last_saved = self._position()
+        self.metrics_log.truncate_after(self.step)
+        log.info("resumed from %s (step %d, epoch %d)", path, self.step, self.epoch)
+
+    def _position(self) -> tuple[int, int, int]:
+        return (self.step, self.epoch, self.batch_in_epoch)
+
+    def save_checkpoint(self) -> None:
+        if self._position() == self.last_saved:
+            return
+        t0 = time.perf_counter()
+        # Never checkpoint non-finite weights (a skipped step cannot produce them, but a finite
+        # gradient times a huge lr can): every rank checks its identical copy, so all agree.
+        if not all(torch.isfinite(p).all() for p in self.model.parameters()):
+            raise NonFiniteError(f"step {self.step}: the parameters are not finite; refusing to write a "
+                                 "checkpoint from them (lower optim.lr?)")
+        shared = {"step": self.step, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch,
+                  "last_val_step": self.last_val_step, "config_hash": self.cfg.hash(), "best": self.best,
+                  "evals_since_best": self.evals_since_best, "nonfinite_run": self.nonfinite_run,
+                  "scaler": self.scaler.state_dict() if self.scaler is not None else None}
+        path = self.ckpt.save(self.step, self.model, self.opt, shared, {"reader": self.data.train.state_dict()})
+        self.last_saved = self._position()
+        self._last_ckpt_time = time.time()
+        log.info("checkpoint %s written in %.2fs", path.name, time.perf_counter() - t0)
+
+    # -- one optimizer step -----------------------------------------------------------------------
+    def _autocast(self):
+        p = self.cfg.train.precision
+        if p == "fp32":
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=torch.bfloat16 if p == "bf16" else torch.float16)
+
+    def _to_device(self, batch: dict) -> dict:
+        return {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
+
+    def per_sample_loss(self, pred: torch.Tensor, batch: dict) -> torch.Tensor:
+        if hasattr(self.model, "loss"):
+            return self.model.loss(pred, batch)
+        y = batch[TARGET[self.task]]
+        if self.task == "classification":
+            return ops.softmax_cross_entropy(pred.float(), y, reduction="none")
+        return (pred.float() - y.float()) ** 2
+
+    def train_loss(self, pred: torch.Tensor, batch: dict) -> torch.Tensor:
+        """Mean over the rank's nominal batch; GradSync's average over ranks makes it the global mean."""
+        if self.task == "classification" and self.cfg.data.remainder == "drop" and not hasattr(self.model, "loss"):
+            return ops.softmax_cross_entropy(pred.float(), batch[TARGET[self.task]])  # fused kernel path
+        w = batch["weight"].to(pred.device)
+        return (self.per_sample_loss(pred, batch) * w).sum() / w.numel()
+
+    def train_step(self, micro: list[dict], ckpt_local: bool = False) -> dict:
+        self.model.train()
+        self.opt.zero_grad(set_to_none=False)
+        loss_sum = torch.zeros((), device=self.device)
+        for i, batch in enumerate(micro):
+            batch = self._to_device(batch)
+            ctx = self.sync.no_sync() if i < len(micro) - 1 else contextlib.nullcontext()
+            with ctx:
+                with self._autocast():
+                    loss = self.train_loss(self.model(batch), batch) / len(micro)
+                (self.scaler.scale(loss) if self.scaler else loss).backward()
+            loss_sum += loss.detach().float()
+        t0 = time.perf_counter()
+        self.sync.synchronize()
+        if self.scaler is not None:
+            self.scaler.unscale_(self.opt)
+        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+        gnorm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads))) if grads else loss_sum * 0
+        bad = not bool(torch.isfinite(loss_sum)) or (self.scaler is None and not bool(torch.isfinite(gnorm)))
+        # The one scalar all-reduce per step: global loss and the decisions every rank must share.
+        flags = torch.tensor([float(loss_sum) if not bad else 0.0, float(bad), float(self.flag.requested),
+                              float(ckpt_local)], dtype=torch.float64, device=self.comm.device)
+        self.comm.allreduce_(flags)
+        self.timers["comm"] += time.perf_counter() - t0
+        out = {"loss": float(flags[0]) / self.world, "nonfinite": bool(flags[1] > 0),
+               "stop": bool(flags[2] > 0), "checkpoint": bool(flags[3] > 0), "grad_norm": float(gnorm)}
+        if out["nonfinite"]:
+            self.opt.zero_grad(set_to_none=False)
+            if self.scaler is not None:
+                self.scaler.update()
+            return out
+        if self.cfg.optim.clip_grad_norm > 0:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.optim.clip_grad_norm)
+        set_lr(self.opt, lr_at(self.step, self.cfg.optim, self.total_steps, self.world))
+        if self.scaler is not None:
+            self.scaler.step(self.opt)
+            self.scaler.update()
+        else:
+            self.opt.step()
+        return out
+
+    # -- evaluation -------------------------------------------------------------------------------
+    @torch.no_grad()
+    def evaluate(self, reader) -> dict:
+        self.model.eval()
+        binary = getattr(getattr(self.model, "cfg", None), "loss", None) == "bce"
+        sums = MetricSums(self.task, int(self.data.schema.get("num_classes") or 0), binary_scores=binary)
+        for batch in reader:
+            batch = self._to_device(batch)
+            with self._autocast():
+                pred = self.model(batch)
+            pred = pred.float()
+            sums.update(pred, batch[TARGET[self.task]], self.per_sample_loss(pred, batch), batch["weight"])
+        return sums.reduce(_CPUComm(self.comm))
+
+    def _validate(self) -> bool:
+        """Evaluate on val, keep the best model; True when early stopping says stop."""
+        if self.data.val is None:
+            return False
+        m = self.evaluate(self.data.val)
+        self.last_val_step = self.step
+        key = self.cfg.train.monitor
+        value = m.get(key)
+        if value is None:
+            raise ValueError(f"train.monitor={key!r}: validation produced {sorted(m)}; pick one of those")
+        self.metrics_log.write(kind="val", step=self.step, epoch=self.epoch, **m)
+        log.info("step %d val %s", self.step, " ".join(f"{k}={v:.4f}" for k, v in m.items()))
+        best = self.best["value"]
+        up = higher_is_better(key)
+        if best is None or (value > best if up else value < best):
+            self.best = {"value": value, "step": self.step, "metrics": m}
+            self.evals_since_best = 0
+            if self.rank == 0:
+                save_model(self.run_dir / "models" / "best.safetensors", self.model, self._model_meta())
+        else:
+            self.evals_since_best += 1
+        p = self.cfg.train.patience
+        return p > 0 and self.evals_since_best >= p
+
+    def _model_meta(self) -> dict[str, str]:
+        import json
+
+        return {"family": self.family, "config": json.dumps(self.cfg.model.config), "step": str(self.step)}
+
+    # -- the loop ---------------------------------------------------------------------------------
+    def fit(self) -> dict:
+        cfg, tc = self.cfg, self.cfg.train
+        reader, ga = self.data.train, tc.grad_accum
+        per_epoch = reader.batches_per_epoch
+        bar = _progress(self.rank == 0 and tc.progress, self.total_steps, self.step)
+        global_batch = cfg.data.batch_size * ga
+        stop = None  # None | "early_stopping" | "preempted"
+        self._last_ckpt_time = time.time()
+        t_loop = time.perf_counter()
+        window_loss, window_n = 0.0, 0
+        try:
+            while self.step < self.total_steps and stop is None:
+                reader.set_epoch(self.epoch)
+                it = iter(reader)
+                while self.step < self.total_steps and stop is None and self.batch_in_epoch + ga <= per_epoch:
+                    t0 = time.perf_counter()
+                    micro = list(_take(it, ga))
+                    t1 = time.perf_counter()
+                    assert len(micro) == ga, "the reader yielded fewer batches than batches_per_epoch"
+                    self.batch_in_epoch += ga
+                    ckpt_due = (self.rank == 0 and cfg.checkpoint.every_minutes > 0 and
+                                time.time() - self._last_ckpt_time >= 60 * cfg.checkpoint.every_minutes)
+                    out = self.train_step(micro, ckpt_due)
+                    self.timers["data"] += t1 - t0
+                    self.timers["step"] += time.perf_counter() - t0
+                    if out["nonfinite"]:
+                        self._nonfinite()
+                    else:
+                        self.nonfinite_run = 0
+                        self.step += 1
+                        self.timers["samples"] += global_batch
+                        window_loss, window_n = window_loss + out["loss"], window_n + 1
+                        if self.step % tc.log_every == 0:
+                            self._log_train(window_loss / window_n, out, t_loop, bar)
+                            window_loss, window_n = 0.0, 0
+                    # The epoch ends eagerly (before any checkpoint of this step boundary), so a
+                    # checkpoint never has to remember "validation of the finished epoch pending".
+                    epoch_end = self.batch_in_epoch + ga > per_epoch
+                    if epoch_end:
+                        self.epoch, self.batch_in_epoch = self.epoch + 1, 0
+                    if ((tc.eval_every and self.step % tc.eval_every == 0 and not out["nonfinite"])
+                            or (epoch_end and not tc.eval_every)):
+                        if self._validate():
+                            stop = "early_stopping"
+                    every = cfg.checkpoint.every_steps
+                    if out["checkpoint"] or out["stop"] or (every and self.step % every == 0):
+                        self.save_checkpoint()
+                    if out["stop"]:
+                        stop = "preempted"
+                    bar.update(self.step - bar.n)
+                    if epoch_end:
+                        break
+                if hasattr(it, "close"):
+                    it.close()  # stops the reader's prefetch thread when we leave mid-epoch
+        except NonFiniteError as e:
+            log.error("%s", e)
+            return self._finish("failed", str(e), bar)
+        if stop == "preempted":
+            return self._finish("preempted", f"signal {self._signal_name()}", bar)
+        if stop == "early_stopping":
+            log.info("early stopping at step %d: no val %s improvement in %d evaluations",
+                     self.step, tc.monitor, tc.patience)
+        elif self.data.val is not None and self.best["step"] != self.step and self.last_val_step != self.step:
+            self._validate()  # max_steps ended mid-epoch or between evaluations
+        if cfg.checkpoint.at_end:
+            self.save_checkpoint()
+        return self._finish("completed", stop, bar)
+
+    def _nonfinite(self) -> None:
+        self.nonfinite_run += 1
+        tc = self.cfg.train
+        log.warning("step %d: non-finite loss or gradients on some rank; step skipped (%d in a row, limit "
+                    "train.max_nonfinite=%d)", self.step, self.nonfinite_run, tc.max_nonfinite)
+        self.metrics_log.write(kind="nonfinite", step=self.step, epoch=self.epoch)
+        if self.nonfinite_run > tc.max_nonfinite:
+            raise NonFiniteError(
+                f"{self.nonfinite_run} non-finite steps in a row at step {self.step} (train.max_nonfinite="
+                f"{tc.max_nonfinite}); stopping without checkpointing: lower optim.lr, set "
+                "optim.clip_grad_norm, or check the data")
+
+    def _log_train(self, loss: float, out: dict, t_loop: float, bar) -> None:
+        sps = self.timers["samples"] / max(time.perf_counter() - t_loop, 1e-9)
+        lr = self.opt.param_groups[0]["lr"]
+        self.metrics_log.write(kind="train", step=self.step, epoch=self.epoch, loss=loss, lr=lr,
+                               grad_norm=out["grad_norm"], samples_per_s=sps)
+        bar.set_postfix(loss=f"{loss:.4f}", sps=f"{sps:,.0f}", refresh=False)
+        if not bar.enabled:
+            log.info("step %d/%d epoch %d loss %.4f lr %.3g %.0f samples/s", self.step, self.total_steps,
+                     self.epoch, loss, lr, sps)
+
+    # -- the end ----------------------------------------------------------------------------------
+    def _finish(self, state: str, reason: str | None, bar) -> dict:
+        bar.close()
+        self.flag.uninstall()
+        train_time = self.timers["step"]
+        metrics: dict = {"val": self.best.get("metrics") or {}, "test": {}}
+        if state == "completed":
+            if self.rank == 0:
+                save_model(self.run_dir / "models" / "last.safetensors", self.model, self._model_meta())
+                if self.best["step"] is None:  # no validation split: the last model is the best
+                    save_model(self.run_dir / "models" / "best.safetensors", self.model, self._model_meta())
+            self.comm.barrier()
+            if self.data.test is not None:
+                load_model(self.run_dir / "models" / "best.safetensors", self.model)
+                metrics["test"] = self.evaluate(self.data.test)
+                log.info("test (best model, step %s): %s", self.best["step"] if self.best["step"] is not None
+                         else self.step, " ".join(f"{k}={v:.4f}" for k, v in metrics["test"].items()))
+                self.metrics_log.write(kind="test", step=self.step, **metrics["test"])
+        elif state == "preempted":
+            what = preempt.requeue(self.comm.world) if self.rank == 0 else ""
+            log.warning("preempted by %s at step %d: checkpoint written; %s", self._signal_name(), self.step,
+                        what or "rank 0 handles the requeue")
+        w = self.comm.world
+        step_t = max(self.timers["step"], 1e-9)
+        summary = {
+            "state": state, "reason": reason, "run_dir": str(self.run_dir), "name": self.cfg.name,
+            "model": {"family": self.family, "task": self.task, "config": self.cfg.model.config,
+                      "parameters": sum(p.numel() for p in self.model.parameters())},
+            "data": self.data.info, "metrics": metrics,
+            "best": {"step": self.best["step"], "monitor": self.cfg.train.monitor, "value": self.best["value"]},
+            "step": self.step, "epoch": self.epoch, "total_steps": self.total_steps,
+            "world_size": self.world, "backend": self.comm.backend, "device": str(self.device),
+            "kernels": ops.kernels_in_use(self.device), "precision": self.cfg.train.precision,
+            "samples_per_s": self.timers["samples"] / step_t if train_time > 0 else 0.0,
+            "time_fractions": {"data_wait": self.timers["data"] / step_t, "comm_wait": self.timers["comm"] / step_t},
+            "wall_s": time.time() - self.t_start, "config_hash": self.cfg.hash(),
+            "versions": versions(), "code_version": code_version(),
+            "slurm": {"job_id": w.slurm_job_id, "array_task_id": w.slurm_array_task_id,
+                      "restart_count": w.slurm_restart_count},
+        }
+        if self.rank == 0:
+            atomic_write_json(self.run_dir / "summary.json", summary)
+            if state == "completed" and self.cfg.registry is not None:
+                summary["registry"] = _register(self.cfg, self.run_dir)
+                atomic_write_json(self.run_dir / "summary.json", summary)
+            log.info("run %s at step %d%s; summary: %s", state, self.step, f" ({reason})" if reason else "",
+                     self.run_dir / "summary.json")
+        return summary
+
+    def _signal_name(self) -> str:
+        return self.flag.signal_name or "a signal received by another rank"
+
+    def close(self) -> None:
+        self.flag.uninstall()
+        self.sync.remove()
+        for h in self._handlers:
+            logging.getLogger("hpc.train").removeHandler(h)
+            h.close()
+
+
+def _register(cfg: TrainConfig, run_dir: Path) -> dict:
+    import os
+
+    from hpc.registry import Registry  # lazily: the registry is optional for training
+
+    r = cfg.registry
+    reg = Registry(r.root or os.environ.get("HPC_REGISTRY") or "registry")
+    version = reg.add(run_dir, r.name, source=r.source)
+    if r.alias:
+        reg.promote(r.name, version, r.alias)
+    log.info("registered %s version %s%s", r.name, version, f" as @{r.alias}" if r.alias else "")
+    return {"name": r.name, "version": version, "alias": r.alias}
+
+
+class _CPUComm:
+    """Metric sums live on the CPU; backends that need device tensors (NCCL) get a copy."""
+
+    def __init__(self, comm):
+        self.comm = comm
+
+    def allreduce_(self, t: torch.Tensor) -> torch.Tensor:
+        dev = getattr(self.comm, "device", torch.device("cpu"))
+        if dev.type == "cpu":
+            return self.comm.allreduce_(t)
+        t.copy_(self.comm.allreduce_(t.to(dev)).cpu())
+        return t
+
+
+def _take(it, k: int):
+    for _ in range(k):
+        try:
+            yield next(it)
+        except StopIteration:
+            return
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % (1 << 32))
+    torch.manual_seed(seed)
+
+
+class _NoBar:
+    enabled = False
+    n = 0
+
+    def update(self, n): self.n += n  # noqa: E704
+    def set_postfix(self, **kw): pass  # noqa: E704
+    def close(self): pass  # noqa: E704
+
+
+def _progress(enabled: bool, total: int, initial: int):
+    import sys
+
+    if not enabled or not sys.stderr.isatty():  # in log files a bar is noise: log lines instead
+        return _NoBar()
+    from tqdm import tqdm
+
+    bar = tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True, mininterval=1.0, leave=False)
+    bar.enabled = True
+    return bar

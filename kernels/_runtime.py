@@ -1,0 +1,244 @@
+"""What every kernel wrapper shares: CuPy import and cache directory, compile-once modules, PyTorch's
+current stream, DLPack zero-copy views, input checks and launch shapes.
+
+Nothing here imports CuPy at module import time, so ``import kernels`` works on a machine without it;
+``cupy_missing()`` says why the CuPy path cannot run.
+
+Cache directory: CuPy writes compiled kernels to ``CUPY_CACHE_DIR`` (default ``~/.cupy/kernel_cache``,
+which on clusters is often a read-only or over-quota home). Before CuPy is imported we set it to
+``$HPC_KERNEL_CACHE_DIR`` if given, else a ``CUPY_CACHE_DIR`` the user already set, else the
+node-local ``${TMPDIR:-/tmp}/<user>/cupy-kernel-cache``; the directory must be writable.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from pathlib import Path
+
+import numpy as np
+import torch
+
+CACHE_ENV = "HPC_KERNEL_CACHE_DIR"
+_HERE = Path(__file__).resolve().parent
+_lock = threading.Lock()
+_cupy = None
+_modules: dict = {}
+_functions: dict = {}
+_streams: dict = {}
+_sm_count: dict = {}
+
+# torch dtype -> (CUDA C++ storage type, accumulation torch dtype, numpy scalar type of the accumulator)
+CTYPES = {
+    torch.float32: ("float", torch.float32, np.float32),
+    torch.float64: ("double", torch.float64, np.float64),
+    torch.bfloat16: ("__nv_bfloat16", torch.float32, np.float32),
+    torch.float16: ("__half", torch.float32, np.float32),
+}
+
+
+def cache_dir() -> Path:
+    """The kernel cache directory (created, checked writable); ValueError naming the variable if not."""
+    from hpc.util.versions import user
+
+    explicit = os.environ.get(CACHE_ENV) or os.environ.get("CUPY_CACHE_DIR")
+    if explicit:
+        path, source = Path(explicit), (CACHE_ENV if os.environ.get(CACHE_ENV) else "CUPY_CACHE_DIR")
+    else:
+        path = Path(os.environ.get("TMPDIR") or "/tmp") / user() / "cupy-kernel-cache"
+        source = "the default (${TMPDIR:-/tmp}/<user>/cupy-kernel-cache)"
+    try:
+        path.mkdir(parents=True, exist_ok=True, mode=0o700)
+    except OSError as e:
+        raise ValueError(f"kernel cache directory {path} (from {source}) cannot be created: {e}; "
+                         f"set {CACHE_ENV} to a writable node-local directory") from None
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise ValueError(f"kernel cache directory {path} (from {source}) is not writable; "
+                         f"set {CACHE_ENV} to a writable node-local directory")
+    return path
+
+
+def cupy():
+    """Import CuPy once, after pointing its kernel cache at cache_dir()."""
+    global _cupy
+    if _cupy is None:
+        with _lock:
+            if _cupy is None:
+                os.environ["CUPY_CACHE_DIR"] = str(cache_dir())
+                import cupy as cp  # noqa: PLC0415 - optional dependency, imported on first use
+
+                _cupy = cp
+    return _cupy
+
+
+def cupy_missing() -> str | None:
+    """None when the CuPy path can run; otherwise why not, in words."""
+    try:
+        cp = cupy()
+    except ImportError as e:
+        return f"CuPy is not installed ({e}); install the wheel matching your CUDA, e.g. pip install cupy-cuda13x"
+    except ValueError as e:
+        return str(e)
+    try:
+        n = cp.cuda.runtime.getDeviceCount()
+    except Exception as e:  # CUDA driver/runtime errors come as several CuPy exception types
+        return f"CuPy cannot reach a CUDA device ({type(e).__name__}: {e})"
+    return None if n > 0 else "CuPy sees no CUDA device"
+
+
+def _include_opts() -> tuple[str, ...]:
+    """-I for the CUDA headers (cuda_bf16.h), where NVRTC might not find them itself."""
+    cands = []
+    cp = cupy()
+    try:
+        cuda_path = cp.cuda.get_cuda_path()
+        if cuda_path:
+            cands.append(Path(cuda_path) / "include")
+    except Exception:
+        pass
+    for env in ("CUDA_PATH", "CUDA_HOME"):
+        if os.environ.get(env):
+            cands.append(Path(os.environ[env]) / "include")
+    cands.append(Path("/usr/local/cuda/include"))
+    try:  # the headers of the CUDA pip wheels (cuda-toolkit / nvidia-cuda-runtime)
+        import nvidia  # noqa: PLC0415
+
+        for base in getattr(nvidia, "__path__", []):
+            cands += [Path(base) / "cu13" / "include", Path(base) / "cuda_runtime" / "include"]
+    except ImportError:
+        pass
+    for c in cands:
+        if (c / "cuda_bf16.h").exists():
+            return (f"-I{c}",)
+    return ()
+
+
+def function(source: str, ctype: str, exprs: list[str], expr: str):
+    """The compiled kernel ``expr`` of ``kernels/<source>`` for one storage type, compiled once per
+    (source, ctype, device) with all of ``exprs`` (the template instances that type uses)."""
+    dev = torch.cuda.current_device()
+    key = (source, ctype, dev, expr)
+    fn = _functions.get(key)
+    if fn is not None:
+        return fn
+    with _lock:
+        mkey = (source, ctype, dev)
+        mod = _modules.get(mkey)
+        if mod is None:
+            cp = cupy()
+            code = (_HERE / "common.cuh").read_text() + "\n" + (_HERE / source).read_text()
+            # No -std option: NVRTC's default (C++17 since CUDA 11) suffices, and CuPy adds its own.
+            mod = cp.RawModule(code=code, options=_include_opts(), name_expressions=exprs)
+            _modules[mkey] = mod
+        with cupy().cuda.Device(dev):
+            fn = mod.get_function(expr)
+        _functions[key] = fn
+    return fn
+
+
+def stream():
+    """CuPy's view of PyTorch's current stream on the current device (so kernels order with torch ops
+    and nothing synchronizes); cached per stream handle."""
+    dev = torch.cuda.current_device()
+    ptr = torch.cuda.current_stream(dev).cuda_stream
+    s = _streams.get((dev, ptr))
+    if s is None:
+        s = cupy().cuda.ExternalStream(ptr, dev)
+        _streams[(dev, ptr)] = s
+    return s
+
+
+def as_cupy(t: torch.Tensor):
+    """Zero-copy CuPy view of a CUDA tensor through DLPack (16-bit floats travel as int16: CuPy has no
+    bfloat16; the kernels take the pointer). Call inside ``with stream():`` so DLPack adds no sync."""
+    if t.dtype in (torch.bfloat16, torch.float16):
+        t = t.view(torch.int16)
+    return cupy().from_dlpack(t)
+
+
+def launch(fn, grid, block, args, shared_mem: int = 0) -> None:
+    """Launch ``fn`` on PyTorch's current stream; tensors in ``args`` go through DLPack, None becomes a
+    null pointer, other values are passed as given (numpy scalars: exact C types)."""
+    # CuPy's current device is its own (torch.cuda.set_device does not move it): follow torch's.
+    with cupy().cuda.Device(torch.cuda.current_device()), stream():
+        conv = tuple(as_cupy(a) if isinstance(a, torch.Tensor) else (np.uint64(0) if a is None else a)
+                     for a in args)
+        fn(tuple(grid), tuple(block), conv, shared_mem=shared_mem)
+
+
+def sm_count() -> int:
+    dev = torch.cuda.current_device()
+    n = _sm_count.get(dev)
+    if n is None:
+        n = torch.cuda.get_device_properties(dev).multi_processor_count
+        _sm_count[dev] = n
+    return n
+
+
+def grid_1d(work: int, threads: int = 256, waves: int = 8) -> int:
+    """Blocks for a grid-stride loop over ``work`` items: enough to fill the device ``waves`` times."""
+    return max(1, min((work + threads - 1) // threads, sm_count() * waves))
+
+
+def row_plan(n: int, max_npt: int) -> tuple[int, int]:
+    """(values per thread NPT, threads) for one block (<= 512 threads) per row of length n with the row
+    in registers, NPT <= max_npt (a power of two; more spills registers, see MAX_NPT); NPT = 0 means
+    the row is too long for registers: use the streaming kernel, with 512 threads."""
+    npt = 1
+    while npt <= max_npt:
+        threads = -(-n // npt)
+        if threads <= 512:
+            return npt, max(32, -(-threads // 32) * 32)
+        npt *= 2
+    return 0, 512
+
+
+ROW_NPTS = (1, 2, 4, 8, 16, 32, 64)
+# Largest NPT per (kernel, accumulator is double) that ptxas fits in the 128 registers a 512-thread
+# block allows without spilling (nvcc 13.0 -arch=sm_90 -Xptxas -v; tests/test_kernels_gpu.py
+# rechecks it): beyond it, rows stream through L2 instead.
+MAX_NPT = {("ce_fwd_reg", False): 32, ("ce_fwd_reg", True): 32,
+           ("ln_fwd_reg", False): 32, ("ln_fwd_reg", True): 32,
+           ("ln_bwd_reg", False): 16, ("ln_bwd_reg", True): 8}
+
+
+def npts(kernel: str, ctype: str) -> tuple[int, ...]:
+    cap = MAX_NPT[(kernel, ctype == "double")]
+    return tuple(k for k in ROW_NPTS if k <= cap)
+
+
+def vec_width(dtype: torch.dtype, *tensors: torch.Tensor | None, multiple_of: int | None = None) -> int:
+    """Elements per 16-byte access when every tensor is 16-byte aligned (and ``multiple_of`` divides
+    evenly), else 1."""
+    v = 16 // torch.tensor([], dtype=dtype).element_size()
+    if multiple_of is not None and multiple_of % v != 0:
+        return 1
+    if any(t is not None and t.data_ptr() % 16 != 0 for t in tensors):
+        return 1
+    return v
+
+
+def check(op: str, name: str, t: torch.Tensor, *, dtypes=None, device: torch.device | None = None,
+          ndim: int | None = None) -> None:
+    """ValueError naming the op and argument unless ``t`` is a contiguous CUDA tensor as required."""
+    if not isinstance(t, torch.Tensor):
+        raise ValueError(f"{op}: {name} must be a torch.Tensor; got {type(t).__name__}")
+    if dtypes is not None and t.dtype not in dtypes:
+        raise ValueError(f"{op}: {name} has dtype {t.dtype}; supported: {', '.join(str(d) for d in dtypes)}")
+    if ndim is not None and t.dim() != ndim:
+        raise ValueError(f"{op}: {name} must have {ndim} dimensions; got shape {tuple(t.shape)}")
+    if not t.is_contiguous():
+        raise ValueError(f"{op}: {name} (shape {tuple(t.shape)}, strides {t.stride()}) is not contiguous; "
+                         f"call .contiguous() first (a copy)")
+    if device is not None and t.device != device:
+        raise ValueError(f"{op}: {name} is on {t.device} but the other inputs are on {device}")
+    if not t.is_cuda:  # last, so tests can run every other check on CPU tensors
+        raise ValueError(f"{op}: {name} is on {t.device}; {NEED_CUDA} (use kernels='torch' or 'auto' for CPU "
+                         f"tensors)")
+    if t.device.index != torch.cuda.current_device():
+        raise ValueError(f"{op}: {name} is on {t.device} but the current CUDA device is "
+                         f"cuda:{torch.cuda.current_device()}; call torch.cuda.set_device({t.device.index}) first")
+
+
+NEED_CUDA = "the CuPy kernels need CUDA tensors"
+FLOAT_DTYPES = tuple(CTYPES)

@@ -1,0 +1,498 @@
+"""The CuPy kernels (kernels/).
+
+Two kinds of test:
+* CPU, always: every wrapper code path runs against a recording fake of the launch layer, and each
+  recorded launch is checked against the kernel's C++ signature parsed from its .cu file (argument
+  count, pointer vs scalar, element and scalar types, block and grid limits); the kernel cache
+  directory rules; and, where nvcc is installed, a compile of every template instance for sm_90 with
+  a check that the register-resident kernels do not spill (`slow`).
+* `gpu`: each kernel against the float64 references of tests/test_ops_torch.py, into poisoned output
+  buffers, forward and backward, fp32 (~1e-5), bf16 (~1e-2) and fp64 (gradcheck); DLPack zero-copy by
+  data-pointer equality; PyTorch's current stream; no host synchronization. Skipped without CuPy and
+  a CUDA device.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import kernels
+from kernels import _runtime as rt
+
+from test_ops_torch import (TOL, _randn, _targets, close, ref_bias_act, ref_cross_entropy, ref_embedding_grad,
+                             ref_layer_norm)
+
+KDIR = Path(kernels.__file__).resolve().parent
+
+# ---------------------------------------------------------------------------------------------- signatures
+
+
+def _signatures() -> dict[str, list[str]]:
+    """kernel name -> parameter types, parsed from the .cu sources."""
+    sigs = {}
+    for src in [KDIR / "common.cuh", *sorted(KDIR.glob("*.cu"))]:
+        text = src.read_text()
+        for m in re.finditer(r"__global__\s+void\s+(?:__launch_bounds__\([^)]*\)\s+)?(\w+)\s*\(([^)]*)\)", text):
+            params = []
+            for p in m.group(2).split(","):
+                p = " ".join(p.replace("__restrict__", "").replace("const", "").split())
+                params.append(p.rsplit(" ", 1)[0].replace(" *", "*"))  # drop the name
+            sigs[m.group(1)] = params
+    return sigs
+
+
+SIGS = _signatures()
+STORAGE = {ct: dt for dt, (ct, _a, _n) in rt.CTYPES.items()}
+
+
+def _expect(ptype: str, T: torch.dtype):
+    acc_t, acc_np = rt.CTYPES[T][1], rt.CTYPES[T][2]
+    base = ptype.rstrip("*").replace("typename ", "")
+    elem = {"T": T, "Acc<T>::type": acc_t, "i64": torch.int64}[base] if base != "int" else None
+    if ptype.endswith("*"):
+        return "ptr", elem
+    scal = {"i64": np.int64, "int": np.int32, "Acc<T>::type": acc_np,
+            "T": {torch.float32: np.float32, torch.float64: np.float64}.get(T)}[base]
+    return "scalar", scal
+
+
+class FakeLaunch:
+    def __init__(self):
+        self.calls = []
+
+    def function(self, source, ctype, exprs, expr):
+        assert expr in exprs, f"{expr} is not among the instances compiled for {source}/{ctype}"
+        return (source, ctype, expr)
+
+    def launch(self, fn, grid, block, args, shared_mem=0):
+        self.calls.append((fn, tuple(grid), tuple(block), args))
+
+
+@pytest.fixture
+def fake(monkeypatch):
+    f = FakeLaunch()
+    monkeypatch.setattr(rt, "function", f.function)
+    monkeypatch.setattr(rt, "launch", f.launch)
+    monkeypatch.setattr(rt, "sm_count", lambda: 132)
+    orig = rt.check
+
+    def check(*args, **kw):  # every check but "is a CUDA tensor", which rt.check makes last
+        try:
+            orig(*args, **kw)
+        except ValueError as e:
+            if rt.NEED_CUDA not in str(e):
+                raise
+
+    monkeypatch.setattr(rt, "check", check)
+    return f
+
+
+def _verify(calls):
+    assert calls, "no launch recorded"
+    for (source, ctype, expr), grid, block, args in calls:
+        name, targs = re.match(r"(\w+)<(.*)>$", expr).groups()
+        T = STORAGE[targs.split(",")[0].strip()]
+        params = SIGS[name]
+        assert len(args) == len(params), f"{expr}: {len(args)} arguments for {len(params)} parameters"
+        for i, (a, p) in enumerate(zip(args, params)):
+            kind, want = _expect(p, T)
+            where = f"{expr} argument {i} ({p})"
+            if kind == "ptr":
+                assert a is None or isinstance(a, torch.Tensor), f"{where}: got {type(a).__name__}"
+                if isinstance(a, torch.Tensor):
+                    assert a.dtype == want, f"{where}: tensor dtype {a.dtype}, kernel reads {want}"
+                    assert a.is_contiguous(), f"{where}: not contiguous"
+            else:
+                assert type(a) is want, f"{where}: {type(a).__name__}, kernel takes {want.__name__}"
+        threads = math.prod(block)
+        assert 32 <= threads <= 1024 and block[0] % 32 == 0, f"{expr}: block {block}"
+        if "_reg<" in expr or "_stream<" in expr:
+            assert threads <= 512, f"{expr}: {threads} threads but __launch_bounds__(512)"
+        assert grid[0] < 2**31 and all(g <= 65535 for g in grid[1:]) and all(g >= 1 for g in grid), expr
+
+
+@pytest.mark.parametrize("dtype", list(rt.CTYPES))
+def test_wrappers_launch_what_the_kernels_declare(fake, dtype):
+    # Shapes cover the register and streaming row kernels, vector and scalar widths, all branches.
+    for shape in [(3, 5), (4, 64), (2, 20000)]:
+        for act in ("relu", "gelu", "gelu_tanh"):
+            x = torch.randn(shape).to(dtype).requires_grad_()
+            b = torch.randn(shape[-1]).to(dtype).requires_grad_()
+            kernels.bias_act(x, b, act).backward(torch.ones(shape, dtype=dtype))
+            kernels.bias_act(x.detach().requires_grad_(), None, act).sum().backward()
+        for red in ("mean", "sum", "none"):
+            lg = torch.randn(shape).to(dtype).requires_grad_()
+            t = torch.randint(0, shape[1], (shape[0],), dtype=torch.int32)
+            loss = kernels.softmax_cross_entropy(lg, t, -100, 0.1, red)
+            loss.sum().backward(retain_graph=True)
+            loss.sum().backward()  # second backward: the recompute path
+        for affine in (True, False):
+            x = torch.randn(shape).to(dtype).requires_grad_()
+            w = torch.randn(shape[-1]).to(dtype).requires_grad_() if affine else None
+            kernels.layer_norm(x, w, w, 1e-5).sum().backward()
+        for det in (False, True):
+            w = torch.randn(shape).to(dtype).requires_grad_()
+            kernels.embedding(torch.tensor([[0, 1], [1, 2]]), w, det).sum().backward()
+    if dtype in (torch.float32, torch.float64):
+        for n in (1, 13, 1024):
+            p, g, m, v = (torch.randn(n, dtype=dtype) for _ in range(4))
+            kernels.adam_step(p, g, m, v, lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.01,
+                              adamw=True, bias_c1=0.1, bias_c2=0.001)
+            kernels.sgd_step(p, g, m, lr=0.1, momentum=0.9, dampening=0.0, weight_decay=0.0, nesterov=True,
+                             first=False)
+            kernels.sgd_step(p, g, None, lr=0.1, momentum=0.0, dampening=0.0, weight_decay=0.0, nesterov=False,
+                             first=True)
+    _verify(fake.calls)
+    used = {fn[2].split("<")[0] for fn, *_ in fake.calls}
+    want = {"bias_act_fwd", "bias_act_bwd", "col_reduce", "ce_fwd_reg", "ce_fwd_stream", "scale_inplace",
+            "ln_fwd_reg", "ln_bwd_reg", "ln_fwd_stream", "ln_bwd_stream", "emb_fwd", "emb_bwd_atomic",
+            "emb_bwd_sorted"}
+    if dtype in (torch.float32, torch.float64):
+        want |= {"adam_step", "sgd_step"}
+    assert want <= used, f"kernels never launched: {want - used}"
+
+
+def test_every_kernel_has_a_parsed_signature():
+    for _src, _ct, exprs in kernels.catalog():
+        for e in exprs:
+            assert e.split("<")[0] in SIGS, e
+
+
+def test_wrapper_input_checks_name_the_problem(fake):
+    x = torch.randn(4, 6)
+    with pytest.raises(ValueError, match="bias_act: x has dtype torch.int64"):
+        kernels.bias_act(torch.ones(2, 3, dtype=torch.int64), None)
+    with pytest.raises(ValueError, match=r"layer_norm: x \(shape \(6, 4\).*not contiguous"):
+        kernels.layer_norm(x.t(), None, None)
+    with pytest.raises(ValueError, match="softmax_cross_entropy: target has 3 rows"):
+        kernels.softmax_cross_entropy(x, torch.zeros(3, dtype=torch.int64))
+    with pytest.raises(ValueError, match="layer_norm: weight has dtype torch.float64"):
+        kernels.layer_norm(x, torch.ones(6, dtype=torch.float64), None)
+
+
+def test_check_rejects_cpu_tensors_with_advice():
+    with pytest.raises(ValueError, match="bias_act: x is on cpu; the CuPy kernels need CUDA tensors"):
+        rt.check("bias_act", "x", torch.ones(2))
+
+
+def test_row_plan_covers_every_length():
+    for kernel in ("ce_fwd_reg", "ln_fwd_reg", "ln_bwd_reg"):
+        for double in (False, True):
+            cap = rt.npts(kernel, "double" if double else "float")[-1]
+            for n in (1, 31, 32, 33, 511, 512, 513, 4097, 8193, 16384, 16385, 100000):
+                npt, threads = rt.row_plan(n, cap)
+                assert threads % 32 == 0 and 32 <= threads <= 512
+                if npt:
+                    assert npt <= cap and npt * threads >= n and (npt == 1 or (npt // 2) * 512 < n)
+                else:
+                    assert n > cap * 512
+
+
+# ---------------------------------------------------------------------------------------------- cache dir
+
+
+def test_cache_dir_env_default_and_unwritable(monkeypatch, tmp_path):
+    monkeypatch.delenv("CUPY_CACHE_DIR", raising=False)
+    monkeypatch.setenv(rt.CACHE_ENV, str(tmp_path / "kc"))
+    assert rt.cache_dir() == tmp_path / "kc" and (tmp_path / "kc").is_dir()
+    monkeypatch.delenv(rt.CACHE_ENV)
+    monkeypatch.setenv("TMPDIR", str(tmp_path / "node"))
+    d = rt.cache_dir()
+    assert d.parent.parent == tmp_path / "node" and d.name == "cupy-kernel-cache"
+    monkeypatch.setenv("CUPY_CACHE_DIR", str(tmp_path / "user-set"))
+    assert rt.cache_dir() == tmp_path / "user-set"
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o500)
+    monkeypatch.setenv(rt.CACHE_ENV, str(ro / "sub"))
+    if os.geteuid() == 0:  # root writes anywhere: use a path under a regular file instead
+        (tmp_path / "file").write_text("x")
+        monkeypatch.setenv(rt.CACHE_ENV, str(tmp_path / "file" / "sub"))
+    with pytest.raises(ValueError, match=f"cannot be created.*set {rt.CACHE_ENV}"):
+        rt.cache_dir()
+
+
+def test_cupy_missing_says_why():
+    why = rt.cupy_missing()
+    try:
+        import cupy  # noqa: F401
+    except ImportError:
+        assert why is not None and "CuPy is not installed" in why
+
+
+# ---------------------------------------------------------------------------------------------- nvcc compile
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_kernels_compile_for_sm90_without_spills(tmp_path):
+    nvcc = shutil.which("nvcc")
+    if nvcc is None:
+        pytest.skip("nvcc not installed")
+    by_src: dict[str, list[str]] = {}
+    for src, _ct, exprs in kernels.catalog():
+        by_src.setdefault(src, []).extend(exprs)
+    common = (KDIR / "common.cuh").read_text()
+    procs = []
+    for src, exprs in by_src.items():
+        # Taking each instance's address makes nvcc instantiate it, as NVRTC's name expressions do.
+        code = common + "\n" + (KDIR / src).read_text() + "\nvoid* hpc_instances[] = {\n" + \
+            ",\n".join(f"(void*)&{e}" for e in exprs) + "};\n"
+        f = tmp_path / src
+        f.write_text(code)
+        procs.append((src, subprocess.Popen(
+            [nvcc, "-std=c++17", "-arch=sm_90", "-cubin", "-Xptxas=-v", "-o", str(f) + ".cubin", str(f)],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)))
+    spills = []
+    for src, p in procs:
+        out, _ = p.communicate(timeout=580)
+        assert p.returncode == 0, f"{src} does not compile:\n{out[-6000:]}"
+        cur = None
+        for line in out.splitlines():
+            m = re.search(r"Compiling entry function '(\S+)'", line)
+            if m:
+                cur = m.group(1)
+            m = re.search(r"(\d+) bytes spill stores", line)
+            if m and cur and "_reg" in cur and int(m.group(1)) > 64:
+                spills.append((cur, line.strip()))
+    assert not spills, f"register-resident row kernels spill (lower MAX_NPT in kernels/_runtime.py): {spills}"
+
+
+# ---------------------------------------------------------------------------------------------- GPU
+
+
+def _gpu_ready() -> bool:
+    pytest.importorskip("cupy")
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    why = rt.cupy_missing()
+    if why:
+        pytest.skip(why)
+    return True
+
+
+@pytest.fixture
+def gpu():
+    _gpu_ready()
+    from hpc.models import ops
+
+    before = ops.get_kernels()
+    ops.set_kernels("cupy")
+    yield torch.device("cuda")
+    ops.set_kernels(before)
+
+
+def _poison(t: torch.Tensor) -> torch.Tensor:
+    return t.fill_(float("nan"))
+
+
+GPU_DTYPES = [torch.float32, torch.bfloat16]
+SIZES = [(1, 1), (1, 7), (3, 1), (5, 33), (17, 257), (9, 1000), (4, 4097), (3, 16385), (2, 40000)]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", GPU_DTYPES)
+@pytest.mark.parametrize("shape", SIZES)
+@pytest.mark.parametrize("act", ["relu", "gelu", "gelu_tanh"])
+def test_gpu_bias_act(gpu, dtype, shape, act):
+    from kernels import bias_act_op as K
+
+    x = _randn(shape, dtype, seed=1, scale=2.0).to(gpu)
+    b = _randn(shape[-1:], dtype, seed=2).to(gpu)
+    y = K.forward(x, b, act, out=_poison(torch.empty_like(x)))
+    close(y.cpu(), ref_bias_act(x.cpu(), b.cpu(), act), dtype, scale=3.0)
+    g = _randn(shape, dtype, seed=3).to(gpu)
+    gx, gb = K.backward(g, x, b, act, True, gx=_poison(torch.empty_like(x)))
+    xr = x.cpu().double().requires_grad_()
+    br = b.cpu().double().requires_grad_()
+    ref_bias_act(xr, br, act).backward(g.cpu().double())
+    close(gx.cpu(), xr.grad, dtype, scale=3.0)
+    close(gb.cpu(), br.grad, dtype, scale=3.0 * math.sqrt(shape[0]))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", GPU_DTYPES)
+@pytest.mark.parametrize("shape", SIZES)
+@pytest.mark.parametrize("smoothing", [0.0, 0.1])
+def test_gpu_cross_entropy(gpu, dtype, shape, smoothing):
+    from kernels import cross_entropy_op as K
+
+    B, C = shape
+    logits = _randn(shape, dtype, seed=4, scale=3.0).to(gpu)
+    target = _targets(B, C, seed=5, ignore_index=-1, ignore_frac=0.25 if B > 1 else 0.0).to(gpu)
+    acc = rt.CTYPES[dtype][1]
+    loss = _poison(torch.empty(B, dtype=acc, device=gpu))
+    grad = _poison(torch.empty_like(logits))
+    scale = _randn((B,), torch.float64, seed=6).to(acc).to(gpu)
+    K.rows(logits, target, -1, smoothing, loss, grad, scale, 1)
+    lr = logits.cpu().double().requires_grad_()
+    ref = ref_cross_entropy(lr, target.cpu(), -1, smoothing, "none")
+    ref.backward(scale.cpu().double())
+    close(loss.cpu(), ref, torch.float32 if dtype == torch.bfloat16 else dtype, scale=3.0)  # fp32 math on bf16 inputs
+    close(grad.cpu(), lr.grad, dtype)
+    # Through autograd, every reduction, first and second backward.
+    for red in ("mean", "sum", "none"):
+        lg = logits.clone().requires_grad_()
+        out = kernels.softmax_cross_entropy(lg, target, -1, smoothing, red)
+        lr = logits.cpu().double().requires_grad_()
+        ref = ref_cross_entropy(lr, target.cpu(), -1, smoothing, red)
+        close(out.cpu(), ref, dtype, scale=3.0)
+        up = torch.full(out.shape, 0.5, dtype=out.dtype, device=gpu)
+        out.backward(up, retain_graph=True)
+        ref.backward(torch.full(ref.shape, 0.5, dtype=torch.float64))
+        close(lg.grad.cpu(), lr.grad, dtype)
+        first = lg.grad.clone()
+        lg.grad = None
+        out.backward(up)
+        close(lg.grad.cpu(), first.cpu(), dtype)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", GPU_DTYPES)
+@pytest.mark.parametrize("shape", SIZES[1:] + [(2, 3, 129), (2, 70000)])
+@pytest.mark.parametrize("affine", [True, False])
+def test_gpu_layer_norm(gpu, dtype, shape, affine):
+    from kernels import layer_norm_op as K
+
+    D = shape[-1]
+    x = (_randn(shape, torch.float64, seed=7, scale=3.0) + 2.0).to(dtype).to(gpu)
+    w = _randn((D,), dtype, seed=8).to(gpu) if affine else None
+    b = _randn((D,), dtype, seed=9).to(gpu) if affine else None
+    y, mean, rstd = K.forward(x, w, b, 1e-5, y=_poison(torch.empty_like(x)))
+    cpu = lambda t: None if t is None else t.cpu().double().requires_grad_()  # noqa: E731
+    xr, wr, br = cpu(x), cpu(w), cpu(b)
+    ref = ref_layer_norm(xr, wr, br, 1e-5)
+    close(y.cpu(), ref, dtype, scale=4.0)
+    g = _randn(shape, dtype, seed=10).to(gpu)
+    gx, gw, gb = K.backward(g, x, w, mean, rstd, affine, affine, gx=_poison(torch.empty_like(x)))
+    ref.backward(g.cpu().double())
+    rows = x.numel() // D
+    close(gx.cpu(), xr.grad, dtype, scale=4.0)
+    if affine:
+        close(gw.cpu(), wr.grad, dtype, scale=4.0 * math.sqrt(rows))
+        close(gb.cpu(), br.grad, dtype, scale=4.0 * math.sqrt(rows))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", GPU_DTYPES)
+@pytest.mark.parametrize("V,D,n", [(1, 1, 1), (10, 3, 20), (50, 130, 3000), (1000, 128, 100000), (7, 64, 24)])
+def test_gpu_embedding(gpu, dtype, V, D, n):
+    from kernels import embedding_op as K
+
+    w = _randn((V, D), dtype, seed=11).to(gpu)
+    idx = torch.randint(0, V, (n,), generator=torch.Generator().manual_seed(12)).to(gpu)
+    out = K.forward(idx, w, out=_poison(torch.empty((n, D), dtype=dtype, device=gpu)))
+    assert torch.equal(out, w[idx])
+    g = _randn((n, D), dtype, seed=13).to(gpu)
+    ref = ref_embedding_grad(idx.cpu(), g.cpu(), V)
+    counts = torch.bincount(idx.cpu(), minlength=V).max().item()
+    det1 = K.backward(g, idx, V, D, True)
+    det2 = K.backward(g, idx, V, D, True)
+    assert torch.equal(det1, det2), "deterministic backward differs between runs"
+    close(det1.cpu(), ref, dtype, scale=3.0 * math.sqrt(counts))
+    close(K.backward(g, idx, V, D, False).cpu(), ref, dtype, scale=3.0 * math.sqrt(counts))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("n", [1, 3, 1027, 1 << 20])
+def test_gpu_fused_optimizers_match_torch_path(gpu, n):
+    from hpc.models import ops
+
+    for kind, kw in [("adamw", dict(lr=1e-2, weight_decay=0.1)), ("adam", dict(lr=1e-2, weight_decay=0.05)),
+                     ("sgd", dict(lr=0.05, momentum=0.9, nesterov=True)), ("sgd", dict(lr=0.05))]:
+        results = []
+        for mode in ("cupy", "torch"):
+            ops.set_kernels(mode)
+            p = torch.nn.Parameter(_randn((n,), torch.float32, seed=14).to(gpu))
+            q = torch.nn.Parameter(_randn((3, 5), torch.float32, seed=15).to(gpu))
+            opt = ops.fused_optimizer(kind, [p, q], **kw)
+            for step in range(3):
+                opt.zero_grad()
+                p.grad.copy_(_randn((n,), torch.float32, seed=16 + step).to(gpu))
+                q.grad.copy_(_randn((3, 5), torch.float32, seed=20 + step).to(gpu))
+                opt.step()
+            results.append(opt.flat_param.clone())
+        ops.set_kernels("cupy")
+        torch.testing.assert_close(results[0], results[1], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.gpu
+def test_gpu_gradcheck_float64(gpu):
+    x = _randn((4, 37), torch.float64, seed=21).to(gpu).requires_grad_()
+    b = _randn((37,), torch.float64, seed=22).to(gpu).requires_grad_()
+    for act in ("relu", "gelu", "gelu_tanh"):
+        assert torch.autograd.gradcheck(lambda x, b, act=act: kernels.bias_act(x, b, act), (x, b))
+    w = _randn((37,), torch.float64, seed=23).to(gpu).requires_grad_()
+    assert torch.autograd.gradcheck(lambda x, w, b: kernels.layer_norm(x, w, b, 1e-5), (x, w, b))
+    t = torch.tensor([0, 36, -100, 5], device=gpu)
+    for red in ("mean", "sum", "none"):
+        assert torch.autograd.gradcheck(
+            lambda lg, red=red: kernels.softmax_cross_entropy(lg, t, -100, 0.1, red), (x,))
+    emb = _randn((6, 37), torch.float64, seed=24).to(gpu).requires_grad_()
+    idx = torch.tensor([[0, 5, 5], [2, 0, 0]], device=gpu)
+    for det in (True, False):
+        assert torch.autograd.gradcheck(lambda e, det=det: kernels.embedding(idx, e, det), (emb,))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+def test_gpu_dlpack_is_zero_copy(gpu, dtype):
+    t = torch.randn(1000, device=gpu).to(dtype)
+    view = t[7:]
+    with rt.stream():
+        assert rt.as_cupy(t).data.ptr == t.data_ptr()
+        assert rt.as_cupy(view).data.ptr == view.data_ptr()
+
+
+@pytest.mark.gpu
+def test_gpu_runs_on_torch_current_stream_without_sync(gpu):
+    x = _randn((512, 1024), torch.float32, seed=25).to(gpu)
+    b = _randn((1024,), torch.float32, seed=26).to(gpu)
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    torch.cuda.set_sync_debug_mode("error")  # any synchronizing torch call inside raises
+    try:
+        with torch.cuda.stream(s):
+            assert rt.stream().ptr == s.cuda_stream
+            xs = x.clone().requires_grad_()
+            y = kernels.bias_act(xs, b, "gelu")
+            loss = kernels.softmax_cross_entropy(kernels.layer_norm(y, None, None), torch.zeros(512, dtype=torch.int64,
+                                                                                              device=gpu))
+            loss.backward()
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    s.synchronize()
+    ref = torch.nn.functional.cross_entropy(
+        torch.nn.functional.layer_norm(torch.nn.functional.gelu(x + b), (1024,)), torch.zeros(512, dtype=torch.int64,
+                                                                                             device=gpu))
+    close(loss.detach().cpu(), ref.cpu(), torch.float32, scale=3.0)
+
+
+@pytest.mark.gpu
+def test_gpu_cupy_mode_errors(gpu):
+    from hpc.models import ops
+
+    with pytest.raises(ValueError, match="is on cpu; the CuPy kernels need CUDA tensors"):
+        ops.bias_act(torch.ones(2, 3), None, "relu")
+    with pytest.raises(ValueError, match="not contiguous"):
+        ops.layer_norm(torch.ones(4, 6, device=gpu).t(), None, None)
+
+
+@pytest.mark.gpu
+def test_gpu_register_kernels_fit(gpu):
+    """Every register-resident instance launches with 512 threads and uses no local memory."""
+    for src, ct, exprs in kernels.catalog():
+        for e in exprs:
+            if "_reg<" in e:
+                fn = rt.function(src, ct, exprs, e)
+                assert fn.max_threads_per_block >= 512, e
+                assert fn.local_size_bytes <= 64, (e, fn.local_size_bytes)

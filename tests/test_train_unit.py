@@ -1,0 +1,180 @@
+"""Trainer pieces in one process: config validation, schedules, metrics, checkpoints, CLI exit codes."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from hpc.dist.comm import LocalComm
+from hpc.train.checkpoint import Checkpoints, flatten_state, unflatten_state
+from hpc.train.config import OptimConfig, TrainConfig, apply_overrides, load_config
+from hpc.train.metrics import MetricSums, auc_from_histograms
+from hpc.train.optim import lr_at
+
+BASE = {"data": {"dir": "d"}, "model": {"family": "softmax"}}
+
+
+# -- config ---------------------------------------------------------------------------------------
+
+def test_config_defaults_overrides_and_yaml(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("name: x\ndata: {dir: d, batch_size: 8}\nmodel: {family: mlp, config: {widths: [4]}}\n")
+    cfg = load_config(p, ["optim.lr=0.05", "model.config.dropout=0.1", "train.precision=bf16",
+                          "registry.name=m"])
+    assert isinstance(cfg, TrainConfig)
+    assert cfg.optim.lr == 0.05 and cfg.data.batch_size == 8 and cfg.train.precision == "bf16"
+    assert cfg.model.config == {"widths": [4], "dropout": 0.1} and cfg.registry.name == "m"
+    assert load_config(cfg.to_dict()).to_dict() == cfg.to_dict()  # round trip
+    assert load_config("digits_cnn").model.family == "cnn"         # shipped config by name
+
+
+@pytest.mark.parametrize("override,match", [
+    (["optim.lrr=1"], r"config\.optim: unknown key 'lrr'; valid keys: .*lr"),
+    (["optim.lr=-1"], r"config\.optim\.lr: must be > 0, got -1"),
+    (["optim.name=lamb"], r"config\.optim\.name: 'lamb' is not one of 'sgd', 'adam', 'adamw'"),
+    (["data.batch_size=many"], r"config\.data\.batch_size: expected an integer, got 'many'"),
+    (["train.epochs=0"], r"config\.train\.epochs: must be >= 1"),
+    (["optim.nesterov=true"], r"nesterov: needs name=sgd and momentum > 0"),
+    (["model.config.widths=[4]"], r"config\.model\.config: unknown key 'widths'; valid keys: input"),
+    (["kernels=fast"], r"'fast' is not one of 'auto', 'torch', 'cupy'"),
+    (["lr"], r"expected key=value"),
+])
+def test_bad_config_names_key_and_valid_values(override, match):
+    with pytest.raises(ValueError, match=match):
+        load_config(BASE, override)
+
+
+def test_config_hash_ignores_names_and_paths_only():
+    a = load_config(BASE)
+    assert a.hash() == load_config(BASE, ["name=other", "out_dir=/x", "train.log_every=3"]).hash()
+    assert a.hash() != load_config(BASE, ["optim.lr=0.2"]).hash()
+
+
+def test_apply_overrides_creates_nested_keys():
+    assert apply_overrides({"a": 1}, ["b.c.d=[1, 2]", "a=x"]) == {"a": "x", "b": {"c": {"d": [1, 2]}}}
+
+
+# -- schedules (pure) -------------------------------------------------------------------------------
+
+def test_warmup_then_cosine_reaches_min_lr():
+    cfg = OptimConfig(lr=1.0, schedule="cosine", warmup_steps=4, min_lr=0.1)
+    lrs = [lr_at(s, cfg, total_steps=104) for s in range(105)]
+    assert lrs[:4] == [0.25, 0.5, 0.75, 1.0]
+    assert lrs[4] == 1.0 and math.isclose(lrs[54], 0.55) and math.isclose(lrs[104], 0.1)
+    assert all(a >= b for a, b in zip(lrs[4:], lrs[5:]))
+
+
+def test_step_schedule_and_linear_scaling():
+    cfg = OptimConfig(lr=0.1, schedule="step", step_size=10, gamma=0.5, lr_scaling="linear")
+    assert lr_at(0, cfg, 100, world_size=4) == pytest.approx(0.4)
+    assert lr_at(25, cfg, 100, world_size=4) == pytest.approx(0.1)
+    assert lr_at(25, OptimConfig(lr=0.1), 100, world_size=4) == 0.1
+
+
+# -- metrics ---------------------------------------------------------------------------------------
+
+def test_auc_from_histograms_matches_pairwise_count():
+    rng = np.random.default_rng(0)
+    scores, labels = rng.random(500), rng.random(500) < 0.4
+    pos = torch.from_numpy(np.histogram(scores[labels], bins=4096, range=(0, 1))[0]).double()
+    neg = torch.from_numpy(np.histogram(scores[~labels], bins=4096, range=(0, 1))[0]).double()
+    exact = np.mean(scores[labels][:, None] > scores[~labels][None, :])
+    assert abs(auc_from_histograms(pos, neg) - exact) < 1e-3
+
+
+def test_metric_sums_ignore_padding():
+    m = MetricSums("classification", 10)
+    # Scores fall with the distance from the predicted class: top-5 of class 2 is {0, 1, 2, 3, 4}.
+    logits = -(torch.arange(10.0)[None, :] - torch.tensor([1.0, 2.0, 2.0, 4.0])[:, None]) ** 2
+    y = torch.tensor([1, 2, 0, 9])
+    m.update(logits, y, torch.tensor([0.1, 0.2, 0.3, 99.0]), torch.tensor([1.0, 1.0, 1.0, 0.0]))
+    out = m.reduce(LocalComm())
+    assert out["samples"] == 3 and out["accuracy"] == pytest.approx(2 / 3)
+    assert out["loss"] == pytest.approx(0.2, rel=1e-6) and out["top5"] == 1.0
+    r = MetricSums("ratings")
+    r.update(torch.tensor([1.0, 2.0]), torch.tensor([2.0, 2.0]), torch.zeros(2), torch.ones(2))
+    assert r.reduce(LocalComm())["rmse"] == pytest.approx(math.sqrt(0.5))
+
+
+# -- checkpoints (one rank) ---------------------------------------------------------------------
+
+def test_optimizer_state_roundtrips_through_flat_tensors():
+    model = torch.nn.Linear(3, 2)
+    opt = torch.optim.Adam(model.parameters())
+    model(torch.randn(4, 3)).sum().backward()
+    opt.step()
+    tensors: dict = {}
+    tree = json.loads(json.dumps(flatten_state(opt.state_dict(), tensors)))
+    back = unflatten_state(tree, tensors)
+    assert set(back["state"]) == {0, 1}  # int keys survive JSON
+    opt2 = torch.optim.Adam(torch.nn.Linear(3, 2).parameters())
+    opt2.load_state_dict(back)
+    torch.testing.assert_close(opt2.state_dict()["state"][0]["exp_avg"], opt.state[model.weight]["exp_avg"])
+
+
+def _save(ck, step, model, opt):
+    ck.save(step, model, opt, {"step": step}, {"reader": {"batch": step}})
+
+
+def test_checkpoints_keep_last_k_and_fall_back_past_a_damaged_one(tmp_path, caplog):
+    ck = Checkpoints(tmp_path / "ck", LocalComm(), keep=2)
+    model = torch.nn.Linear(3, 2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    weights = {}
+    for step in (1, 2, 3):
+        with torch.no_grad():
+            model.weight.add_(1.0)
+        weights[step] = model.weight.detach().clone()
+        _save(ck, step, model, opt)
+    names = sorted(p.name for p in (tmp_path / "ck").iterdir())
+    assert names == ["latest", "step-000000002", "step-000000003"]
+    assert (tmp_path / "ck" / "latest").read_text().strip() == "step-000000003"
+    # Truncate the newest model file: the previous checkpoint is used, and the damage named.
+    f = tmp_path / "ck" / "step-000000003" / "model.safetensors"
+    f.write_bytes(f.read_bytes()[:-7])
+    with caplog.at_level("ERROR", logger="hpc.train"):
+        path = ck.choose()
+    assert path.name == "step-000000002"
+    assert "step-000000003" in caplog.text and "model.safetensors: checksum mismatch" in caplog.text
+    shared, mine = ck.load(path, model, opt)
+    assert shared["step"] == 2 and mine["reader"] == {"batch": 2}
+    torch.testing.assert_close(model.weight, weights[2], rtol=0, atol=0)
+
+
+def test_rng_states_restored(tmp_path):
+    ck = Checkpoints(tmp_path, LocalComm(), keep=1)
+    model = torch.nn.Linear(2, 2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    import random
+
+    torch.manual_seed(5)
+    np.random.seed(6)
+    random.seed(7)
+    _save(ck, 1, model, opt)
+    want = (torch.rand(3), np.random.rand(3), random.random())
+    torch.rand(10), np.random.rand(10), random.random()
+    ck.load(ck.choose(), model, opt)
+    got = (torch.rand(3), np.random.rand(3), random.random())
+    assert torch.equal(want[0], got[0]) and np.array_equal(want[1], got[1]) and want[2] == got[2]
+
+
+# -- CLI: a bad config exits 2 before any rank starts -----------------------------------------------
+
+@pytest.mark.parametrize("extra", [[], ["--nproc", "2"]])
+def test_cli_bad_config_exits_2_naming_the_key(tmp_path, extra):
+    p = tmp_path / "bad.yaml"
+    p.write_text("data: {dir: nowhere}\nmodel: {family: softmax}\noptim: {lr: 0.1, momentun: 0.9}\n")
+    r = subprocess.run([sys.executable, "-m", "hpc", "train", str(p), *extra], capture_output=True,
+                       text=True, timeout=120, cwd=tmp_path)
+    assert r.returncode == 2, r.stderr
+    assert "unknown key 'momentun'" in r.stderr and "momentum" in r.stderr and str(p) in r.stderr
+    assert not (tmp_path / "runs").exists()
+    r = subprocess.run([sys.executable, "-m", "hpc", "train", "digits_softmax", "data.dir=nowhere", *extra],
+                       capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert r.returncode == 2 and "no manifest" in r.stderr, r.stderr

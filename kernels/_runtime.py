@@ -113,14 +113,18 @@ def _include_opts() -> tuple[str, ...]:
     return ()
 
 
-def function(source: str, ctype: str, exprs: list[str], expr: str):
+def function(source: str, ctype: str, exprs, expr: str):
     """The compiled kernel ``expr`` of ``kernels/<source>`` for one storage type, compiled once per
-    (source, ctype, device) with all of ``exprs`` (the template instances that type uses)."""
+    (source, ctype, device) with all of ``exprs`` (the template instances that type uses; a list, or
+    a callable giving it, so the hot path does not build the list)."""
     dev = torch.cuda.current_device()
     key = (source, ctype, dev, expr)
     fn = _functions.get(key)
     if fn is not None:
         return fn
+    exprs = exprs() if callable(exprs) else exprs
+    if expr not in exprs:
+        raise AssertionError(f"{expr} is not among the instances compiled for {source}/{ctype}")
     with _lock:
         mkey = (source, ctype, dev)
         mod = _modules.get(mkey)
@@ -151,18 +155,44 @@ def stream():
 def as_cupy(t: torch.Tensor):
     """Zero-copy CuPy view of a CUDA tensor through DLPack (16-bit floats travel as int16: CuPy has no
     bfloat16; the kernels take the pointer). Call inside ``with stream():`` so DLPack adds no sync."""
+    return cupy().from_dlpack(exportable(t))
+
+
+def exportable(t: torch.Tensor) -> torch.Tensor:
+    """The view of ``t`` that DLPack can export: detached (torch refuses to export a tensor that
+    requires grad, as autograd inputs do) and, for 16-bit floats, reinterpreted as int16."""
+    t = t.detach()
     if t.dtype in (torch.bfloat16, torch.float16):
         t = t.view(torch.int16)
-    return cupy().from_dlpack(t)
+    return t
+
+
+# How tensors reach a kernel: "dlpack" (default: cupy.from_dlpack, zero-copy, typed) or "ptr" (the raw
+# device address as a 64-bit scalar: also zero-copy, skips DLPack's per-tensor host cost; for measuring
+# that cost, see `hpc bench kernels`). Read once at import; set_arg_mode() changes it.
+ARG_MODES = ("dlpack", "ptr")
+_arg_mode = os.environ.get("HPC_KERNEL_ARGS", "dlpack")
+
+
+def set_arg_mode(mode: str) -> None:
+    global _arg_mode
+    if mode not in ARG_MODES:
+        raise ValueError(f"HPC_KERNEL_ARGS={mode!r}: must be one of {', '.join(ARG_MODES)}")
+    _arg_mode = mode
 
 
 def launch(fn, grid, block, args, shared_mem: int = 0) -> None:
-    """Launch ``fn`` on PyTorch's current stream; tensors in ``args`` go through DLPack, None becomes a
-    null pointer, other values are passed as given (numpy scalars: exact C types)."""
+    """Launch ``fn`` on PyTorch's current stream; tensors in ``args`` go through DLPack (or as raw
+    pointers, see ARG_MODES), None becomes a null pointer, other values are passed as given (numpy
+    scalars: exact C types). The tensors stay referenced by ``args`` until the launch is queued, and
+    PyTorch's allocator is stream-ordered, so memory freed afterwards is not reused before the kernel ran."""
+    if _arg_mode not in ARG_MODES:
+        set_arg_mode(_arg_mode)  # raises the ValueError naming the variable
+    ptr = _arg_mode == "ptr"
     # CuPy's current device is its own (torch.cuda.set_device does not move it): follow torch's.
     with cupy().cuda.Device(torch.cuda.current_device()), stream():
-        conv = tuple(as_cupy(a) if isinstance(a, torch.Tensor) else (np.uint64(0) if a is None else a)
-                     for a in args)
+        conv = tuple((np.uint64(a.data_ptr()) if ptr else as_cupy(a)) if isinstance(a, torch.Tensor)
+                     else (np.uint64(0) if a is None else a) for a in args)
         fn(tuple(grid), tuple(block), conv, shared_mem=shared_mem)
 
 
@@ -210,7 +240,7 @@ def npts(kernel: str, ctype: str) -> tuple[int, ...]:
 def vec_width(dtype: torch.dtype, *tensors: torch.Tensor | None, multiple_of: int | None = None) -> int:
     """Elements per 16-byte access when every tensor is 16-byte aligned (and ``multiple_of`` divides
     evenly), else 1."""
-    v = 16 // torch.tensor([], dtype=dtype).element_size()
+    v = 16 // dtype.itemsize
     if multiple_of is not None and multiple_of % v != 0:
         return 1
     if any(t is not None and t.data_ptr() % 16 != 0 for t in tensors):

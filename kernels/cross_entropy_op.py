@@ -18,12 +18,13 @@ _ones: dict = {}
 
 
 def _exprs(ct: str) -> list[str]:
-    return [f"ce_fwd_reg<{ct}, {k}>" for k in rt.npts("ce_fwd_reg", ct)] + [f"ce_fwd_stream<{ct}>", f"scale_inplace<{ct}>"]
+    regs = [f"ce_fwd_reg<{ct}, {k}>" for k in rt.npts("ce_fwd_reg", ct)]
+    return regs + [f"ce_fwd_stream<{ct}>", f"scale_inplace<{ct}>"]
 
 
 def _fn(dtype: torch.dtype, expr: str):
     ct = rt.CTYPES[dtype][0]
-    return rt.function(_SRC, ct, _exprs(ct), expr.format(ct=ct))
+    return rt.function(_SRC, ct, lambda: _exprs(ct), expr.format(ct=ct))
 
 
 def rows(logits, target, ignore_index, smoothing, loss, grad, scale, stride) -> None:

@@ -18,7 +18,7 @@ def _exprs(ct: str, vec: int) -> list[str]:
 
 def _fn(dtype: torch.dtype, expr: str):
     ct = rt.CTYPES[dtype][0]
-    return rt.function(_SRC, ct, _exprs(ct, rt.vec_width(dtype)), expr.format(ct=ct))
+    return rt.function(_SRC, ct, lambda: _exprs(ct, rt.vec_width(dtype)), expr.format(ct=ct))
 
 
 def forward(idx_flat: torch.Tensor, weight: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:

@@ -19,7 +19,7 @@ def _exprs(ct: str) -> list[str]:
 
 def _fn(dtype: torch.dtype, expr: str):
     ct = rt.CTYPES[dtype][0]
-    return rt.function(_SRC, ct, _exprs(ct), expr.format(ct=ct))
+    return rt.function(_SRC, ct, lambda: _exprs(ct), expr.format(ct=ct))
 
 
 def forward(x, weight, bias, eps, y=None):

@@ -225,7 +225,7 @@ wait_idle() {
     sleep 1
   done
   logs_tail
-  die "node $NODE did not become idle within ${TIMEOUT}s (last state: '${state:-no answer from slurmctld}'); logs above, all in $STATE/log and $STATE/munge"
+  die "node $NODE did not become idle within ${TIMEOUT}s (last state: '${state:-no answer from slurmctld}'); logs above, all in $STATE/log and $STATE/munge; run 'slurm/dev-cluster.sh down' to stop what did start"
 }
 
 up() {

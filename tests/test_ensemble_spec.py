@@ -53,3 +53,22 @@ def test_missing_and_malformed_files(tmp_path):
     bad.write_text("name: [unclosed\n")
     with pytest.raises(ValueError, match="not valid YAML"):
         load_spec(bad)
+
+
+def test_cli_exit_2_on_bad_spec(tmp_path, capsys):
+    from hpc.cli import main
+
+    p = _write(tmp_path, {"name": "e", "base": "b", "bagging": {"members": 1}})
+    assert main(["ensemble", "train", str(p)]) == 2
+    assert "bagging.members: must be >= 2" in capsys.readouterr().err
+    assert main(["ensemble", "train", "no_such_spec"]) == 2
+    assert "ensemble_digits_bagging" in capsys.readouterr().err  # lists the shipped specs
+
+
+def test_shipped_specs_validate():
+    from hpc.cli.ensemble import resolve_spec
+
+    for name in ("ensemble_digits_bagging", "ensemble_digits_boosting", "ensemble_digits_stacking",
+                 "ensemble_ratings_bagging"):
+        s = load_spec(resolve_spec(name))
+        assert s.base_path().endswith("_base.yaml")

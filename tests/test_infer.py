@@ -253,3 +253,34 @@ def test_kill9_of_a_rank_then_rerun_is_byte_identical(world, tmp_path):
     df = read_parts(b)
     assert len(df) == m.total_samples and not df.duplicated(["shard", "index"]).any()
     assert list(df["row_id"]) == list(range(m.total_samples))
+
+
+def test_bench_infer_prints_its_table(world, tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    assert main(["bench", "infer", "--model", "clf@production", "--input", str(world["test"]),
+                 "--registry", str(world["reg"].root), "--repeats", "1", "--nproc", "",
+                 "--batch-size", "64", "--json", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "forward only (in-memory batches)" in text and "infer_vs_forward = " in text
+    res = json.loads(out.read_text())
+    assert res["rows"] == load_manifest(world["test"]).total_samples and res["infer_vs_forward"] > 0
+    assert res["scaling_2_ranks"] is None  # not measured with --nproc ''
+
+
+def test_ratings_output_carries_user_item_and_predictions(tmp_path):
+    ms = synth(SynthConfig(kind="ratings", samples=500, users=30, items=20), tmp_path / "r",
+               split="train=1", writer=WriterConfig(samples_per_shard=200))
+    m = ms["train"]
+    reg = Registry(tmp_path / "reg")
+    reg.add(make_run_dir(tmp_path / "run", schema=m.schema(), stats=m.stats, family="mf", config={}), "rec")
+    reg.promote("rec", 1, "production")
+    run_job(InferConfig(model="rec@production", input=str(tmp_path / "r" / "train"), output=str(tmp_path / "o"),
+                        registry=str(reg.root), batch_size=64), log=lambda s: None)
+    df = read_parts(tmp_path / "o")
+    assert list(df.columns) == ["shard", "index", "row_id", "item", "user", "prediction", "model", "model_version"]
+    users = np.concatenate([b["user"].numpy() for s in range(len(m.shards)) for b in iter_shard(m, s, 500)])
+    assert np.array_equal(df["user"].to_numpy(), users) and df["prediction"].dtype == np.float32
+    model, _ = reg.load("rec@production")
+    with torch.inference_mode():
+        ref = torch.cat([model(b) for s in range(len(m.shards)) for b in iter_shard(m, s, 64)]).numpy()
+    assert np.array_equal(df["prediction"].to_numpy(), ref)

@@ -155,6 +155,14 @@ def test_bad_config_is_a_usage_error(tmp_path):
 
 
 @pytest.mark.slurm
+def test_slurm_row_is_ok_with_the_dev_cluster(slurm_cluster):
+    parts = subprocess.run(["sinfo", "-h", "-o", "%P"], capture_output=True, text=True, timeout=30).stdout.split()
+    row = _rows(D.run_doctor(D.DoctorConfig(), checks=(D.check_slurm,)), "slurm")
+    assert row.verdict == "ok", row
+    assert parts and all(p in row.detail for p in parts)
+
+
+@pytest.mark.slurm
 @pytest.mark.mpi
 def test_doctor_inside_a_slurm_allocation(slurm_cluster, tmp_path, data_dir):
     out = tmp_path / "doctor.json"

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import textwrap
-import threading
 import time
 
 import pytest
@@ -78,7 +77,17 @@ def test_heartbeat_records_phases_steps_and_attempts(tmp_path):
     hb2.close("done")
     beat = json.loads((tmp_path / "heartbeat" / "rank-1.json").read_text())
     assert [a["restart_count"] for a in beat["attempts"]] == [0, 1]
+    assert sum(beat["step_hist"]["counts"]) == 4 and len(beat["events"]) == 1   # history carried over
     assert beat["attempts"][0]["last_step"] == 5 and beat["attempts"][1]["first_step"] == 3
+
+
+def test_heartbeat_counts_start_up_before_it_existed_as_idle(tmp_path):
+    hb = Heartbeat(tmp_path, 0, interval_s=10, started=time.time() - 5.0)
+    hb.close("completed")
+    hb.close("failed")  # only the first close counts
+    beat = json.loads((tmp_path / "heartbeat" / "rank-0.json").read_text())
+    assert beat["state"] == "completed" and 5.0 <= beat["phase_s"]["idle"] < 8
+    assert beat["attempts"][0]["last"] - beat["attempts"][0]["started"] >= 5.0
 
 
 def test_heartbeat_rejects_unknown_phase(tmp_path):
@@ -106,6 +115,27 @@ def test_watchdog_in_process_writes_report_and_summary_then_calls_back(tmp_path)
     assert "test_watchdog_in_process" in report  # the main thread's stack, via faulthandler
     summary = (tmp_path / "hang-report" / "summary.txt").read_text()
     assert "ranks behind: none" in summary and "mismatched collective" in summary
+
+
+def test_a_requeued_attempt_archives_the_old_hang_report_instead_of_exiting(tmp_path):
+    from hpc.util.io import atomic_write_json
+    old = tmp_path / "hang-report"
+    atomic_write_json(old / "summary.json", {"time": time.time() - 3600, "noticed_by": 1, "behind": []})
+    (old / "summary.txt").write_text("ranks behind: 2\n")
+    hb = Heartbeat(tmp_path, rank=0, interval_s=0.1, world_size=1)
+    got = []
+    wd = Watchdog(hb, threshold_s=0.3, poll_s=0.05, on_hang=got.append, exit=False)
+    time.sleep(0.4)   # several polls: the old summary must not trigger a report
+    assert got == [] and not old.exists()
+    archived = list(tmp_path.glob("hang-report.*"))
+    assert len(archived) == 1 and (archived[0] / "summary.txt").read_text() == "ranks behind: 2\n"
+    with hb.phase("comm"):  # a new hang in this attempt still gets its own summary
+        deadline = time.monotonic() + 10
+        while not got and time.monotonic() < deadline:
+            time.sleep(0.05)
+    wd.close()
+    hb.close("hung")
+    assert got and got[0].wrote_summary and (old / "summary.txt").is_file()
 
 
 HANG_SCRIPT = textwrap.dedent("""

@@ -33,7 +33,7 @@ def _chromium(args: list[str], tmp: Path) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=90)
 
 
-def check_in_chromium(html: Path, tmp: Path) -> list[str]:
+def check_in_chromium(html: Path, tmp: Path, screenshot: bool = True) -> list[str]:
     """Load the page in headless Chromium; return the problems (empty = every image loaded, page drawn)."""
     if CHROMIUM is None:
         if IN_CI:
@@ -53,12 +53,13 @@ def check_in_chromium(html: Path, tmp: Path) -> list[str]:
         problems.append(f"{n_img} <img> but {len(sizes)} recorded sizes")
     problems += [f"image {i} did not load (natural size {w}x{h})" for i, (w, h) in enumerate(sizes)
                  if int(w) == 0 or int(h) == 0]
+    if not screenshot:
+        return problems
     shot = tmp / "shot.png"
     _chromium([f"--screenshot={shot}", "--window-size=1200,2400", "--hide-scrollbars", html.as_uri()], tmp)
     if not shot.is_file():
         return problems + ["no screenshot written"]
     import matplotlib.image as mpimg
-    import numpy as np
     px = mpimg.imread(str(shot))[..., :3]
     nonwhite = float((px.mean(axis=2) < 0.9).mean())
     if px.std() < 0.05 or nonwhite < 0.02:
@@ -104,17 +105,13 @@ def test_report_of_simulated_run_and_sweep_renders_in_chromium(tmp_path):
     for img in images:
         assert (html.parent / img).stat().st_size > 5000
     assert check_in_chromium(html, tmp_path) == []
+    # The check can fail: a damaged PNG is reported.
+    (html.parent / images[0]).write_bytes(b"not a png")
+    problems = check_in_chromium(html, tmp_path, screenshot=False)
+    assert problems == ["image 0 did not load (natural size 0x0)"], problems
     html, images = make_report(sweep.parent, tmp_path / "rep_sweep")   # runs/: a directory of runs
     assert "sweep.png" in images and len(images) == 1 + 2 * 6
     assert "comparison of 2 runs" in html.read_text() and "sim/a" in html.read_text()
-
-
-def test_chromium_check_notices_a_broken_image(tmp_path):
-    simulate_run(tmp_path / "run")
-    html, images = make_report(tmp_path / "run", tmp_path / "rep")
-    (html.parent / images[0]).write_bytes(b"not a png")
-    problems = check_in_chromium(html, tmp_path)
-    assert any("did not load" in p for p in problems), problems
 
 
 def test_report_of_an_inference_output(tmp_path):
@@ -153,8 +150,8 @@ def test_report_of_a_real_short_training_run(tmp_path):
     synth(SynthConfig("tabular", 2000, features=16, seed=5), tmp_path / "data",
           writer=WriterConfig(samples_per_shard=500))
     r = subprocess.run([sys.executable, "-m", "hpc", "train", "digits_softmax", f"data.dir={tmp_path / 'data'}",
-                        f"out_dir={tmp_path / 'runs'}", "train.max_steps=60", "train.log_every=5",
-                        "train.eval_every=20", "checkpoint.every_steps=20"],
+                        f"out_dir={tmp_path / 'runs'}", "train.max_steps=30", "train.log_every=3",
+                        "train.eval_every=10", "checkpoint.every_steps=10"],
                        capture_output=True, text=True, timeout=200, cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
     run_dir = next((tmp_path / "runs" / "digits_softmax").iterdir())
@@ -168,4 +165,4 @@ def test_report_of_a_real_short_training_run(tmp_path):
     assert check_in_chromium(html, tmp_path) == []
     st = subprocess.run([sys.executable, "-m", "hpc", "status", str(run_dir), "--json"], capture_output=True,
                         text=True, timeout=60)
-    assert json.loads(st.stdout)["state"] == "completed" and json.loads(st.stdout)["step"] == 60
+    assert json.loads(st.stdout)["state"] == "completed" and json.loads(st.stdout)["step"] == 30

@@ -50,7 +50,7 @@ def _attempt(run_dir: Path, clock: Clock, rank: int, size: int, steps: range, re
         if step % 100 == 0:
             with hb.phase("eval"):
                 clock.t += 3.0
-        if step % 5 == 0:
+        if step % 10 == 0:  # one heartbeat per ~4 simulated seconds (interval_s=5)
             hb.write()
         if metrics is not None and step % 10 == 0:
             metrics.append({"kind": "train", "step": step, "epoch": step // 100, "time": clock.t,
@@ -75,7 +75,7 @@ def simulate_run(run_dir: Path, size: int = 4, finished: bool = True, seed: int 
         if rank == 0:  # the trainer truncates metrics.jsonl to the resumed step (MetricsLog.truncate_after)
             metrics[:] = [m for m in metrics if m["step"] <= 150]
         last = range(151, 301) if finished else range(151, 231)
-        _attempt(run_dir, clock, rank, size, last, 1, "done" if finished else "running", 32, rng,
+        _attempt(run_dir, clock, rank, size, last, 1, "completed" if finished else "running", 32, rng,
                  metrics if rank == 0 else None)
         ends.append(clock.t)
     (run_dir / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in metrics))
@@ -87,7 +87,8 @@ def simulate_run(run_dir: Path, size: int = 4, finished: bool = True, seed: int 
     atomic_write_text(run_dir / "checkpoints" / "latest", ck.name + "\n")
     if finished:
         atomic_write_json(run_dir / "summary.json", {
-            "state": "done", "world_size": size, "backend": "mpi", "samples_per_s": 320.0,
+            "state": "completed", "world_size": size, "backend": "mpi", "samples_per_s": 320.0,
+            "step": 300, "epoch": 3, "total_steps": 300,
             "wall_s": max(ends) - T0, "model": {"family": "mlp", "config": {}},
             "metrics": {"val": {"loss": 0.31, "accuracy": 0.91}, "test": {"loss": 0.33, "accuracy": 0.9}},
             "slurm": {"job_id": "4242", "restart_count": 1}})
@@ -97,7 +98,7 @@ def simulate_run(run_dir: Path, size: int = 4, finished: bool = True, seed: int 
 def test_status_of_a_finished_requeued_run(tmp_path):
     end = simulate_run(tmp_path)
     st = collect_status(tmp_path, now=end + 60)
-    assert st["state"] == "done" and st["step"] == 300 and st["epoch"] == 3
+    assert st["state"] == "completed" and st["step"] == 300 and st["epoch"] == 3
     assert st["requeues"] == 1 and st["job_id"] == "4242" and st["eta_s"] is None
     assert st["checkpoint"]["step"] == 300
     assert [r["rank"] for r in st["ranks"]] == [0, 1, 2, 3]
@@ -105,7 +106,7 @@ def test_status_of_a_finished_requeued_run(tmp_path):
     # ranks 0-2 wait 0.12 s per step in comm, rank 3 computes 1.5x longer: compute dominates
     assert f["compute"] > f["comm"] > f["data"] > 0 and abs(sum(f.values()) - 1) < 1e-3
     text = format_status(st)
-    assert "state      done" in text and "requeued 1x" in text and "step-000000300" in text
+    assert "state      completed" in text and "requeued 1x" in text and "step-000000300" in text
 
 
 def test_status_of_a_live_run_has_eta_per_rank_rates_and_spots_a_stale_rank(tmp_path):
@@ -129,16 +130,25 @@ def test_status_reports_a_hang_from_the_watchdog(tmp_path):
     assert st["state"] == "hung" and "ranks behind: 2" in st["why"]
 
 
-def test_status_cli_run_dir_json_and_errors(tmp_path):
+def test_status_cli_run_dir_json_and_errors(tmp_path, monkeypatch):
     simulate_run(tmp_path / "runs" / "mlp" / "r1")
+    monkeypatch.setenv("HPC_HOME", str(tmp_path / "home"))
     def hpc(*a):
         return subprocess.run([sys.executable, "-m", "hpc", "status", *a], capture_output=True, text=True,
                               timeout=60, cwd=tmp_path)
     r = hpc("runs/mlp/r1", "--json")
     assert r.returncode == 0, r.stderr
-    assert json.loads(r.stdout)["state"] == "done"
+    assert json.loads(r.stdout)["state"] == "completed"
+    r = hpc("runs/mlp/r1", "--watch", "0.2")   # a final state: prints once and returns
+    assert r.returncode == 0 and r.stdout.count("state      completed") == 1, r.stdout + r.stderr
     r = hpc("4242", "--runs-root", "runs")       # job id -> the run whose heartbeats name it
     assert r.returncode == 0 and "runs/mlp/r1" in r.stdout, r.stdout + r.stderr
+    # a job `hpc submit` recorded (its index names the run dir, wherever it is)
+    from hpc.launch.jobs import record
+    simulate_run(tmp_path / "elsewhere" / "x" / "y", finished=False)
+    record("31337", "train", tmp_path / "elsewhere" / "x" / "y", tmp_path / "logs")
+    r = hpc("31337", "--json")
+    assert r.returncode == 0 and json.loads(r.stdout)["run_dir"].endswith("elsewhere/x/y"), r.stderr
     r = hpc("999999")
     assert r.returncode == 2 and "no run directory found" in r.stderr
     (tmp_path / "empty").mkdir()

@@ -144,6 +144,7 @@ def _targets(B, C, seed, ignore_index=-100, ignore_frac=0.0):
     t = torch.randint(0, C, (B,), generator=_gen(seed))
     if ignore_frac:
         mask = torch.rand(B, generator=_gen(seed + 1)) < ignore_frac
+        mask[0] = False  # at least one counted row, so 'mean' is a number
         t = torch.where(mask, torch.full_like(t, ignore_index), t)
     return t
 

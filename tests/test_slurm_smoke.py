@@ -31,7 +31,7 @@ def _rank_result(base: int) -> dict:
 def test_submitit_two_tasks_return_both_ranks(slurm_cluster, tmp_path):
     import submitit
 
-    from hpc.launch.slurm import install_submitit_watcher, job_state
+    from hpc.launch.slurm import install_submitit_watcher, wait_for
 
     install_submitit_watcher()
     ex = submitit.AutoExecutor(folder=tmp_path / "logs", cluster="slurm")
@@ -44,7 +44,7 @@ def test_submitit_two_tasks_return_both_ranks(slurm_cluster, tmp_path):
     assert [r["value"] for r in results] == [7, 14]
     assert {r["job_id"] for r in results} == {job.job_id}
     # Without accounting, the state comes from squeue (hpc.launch.slurm), not a failing sacct.
-    assert job_state(job.job_id) == "COMPLETED"
+    assert wait_for(job.job_id, {"COMPLETED"}, timeout=60) == "COMPLETED"
 
 
 _ALLREDUCE = """

@@ -168,6 +168,7 @@ def _cases(scale: float, compile_: bool):
     ours_opt = ops.FusedAdam(params(), lr=1e-3, weight_decay=0.01)
     foreach = torch.optim.AdamW(params(), lr=1e-3, weight_decay=0.01, foreach=True)
     fused = torch.optim.AdamW(params(), lr=1e-3, weight_decay=0.01, fused=True)
+
     def check():  # one step of each from the same start and gradients must agree
         ours_opt.step()
         fused.step()
@@ -202,10 +203,14 @@ def _overhead(runs: int = 2000) -> list[list]:
              ("layer_norm fwd", lambda: ops.layer_norm(x, b, b), lambda: F.layer_norm(x, (64,), b, b)),
              ("cross_entropy fwd+bwd", lambda: ops.softmax_cross_entropy(x, t).backward(),
               lambda: F.cross_entropy(x, t).backward())]
+    from kernels import _runtime as rt
+
     rows = []
     for name, ours, eager in cases:
         per = []
-        for fn in (ours, eager):
+        for mode, fn in (("dlpack", ours), ("ptr", ours), (None, eager)):
+            if mode:
+                rt.set_arg_mode(mode)
             for _ in range(50):
                 fn()
             torch.cuda.synchronize()
@@ -214,7 +219,8 @@ def _overhead(runs: int = 2000) -> list[list]:
                 fn()
             torch.cuda.synchronize()
             per.append((time.perf_counter() - t0) / runs * 1e6)
-        rows.append([name, per[0], per[1], per[0] - per[1]])
+        rt.set_arg_mode("dlpack")
+        rows.append([name, per[0], per[1], per[2], per[0] - per[2], per[1] - per[2]])
     return rows
 
 
@@ -264,15 +270,17 @@ def run(args) -> int:
     over = _overhead()
     dev = torch.cuda.get_device_name()
     title = (f"kernels on {dev}, copy {copy:,.0f} GB/s (read+write), median of {args.runs} runs"
-             + (f", SCALED x{args.scale} (smoke run: sizes below 64 MB are not the benchmark)" if args.scale < 1 else ""))
+             + (f", SCALED x{args.scale} (a smoke run, not the benchmark)" if args.scale < 1 else ""))
     result = dict(date=datetime.datetime.now().isoformat(timespec="seconds"), device=dev, command=command_line(),
                   versions=versions(), runs=args.runs, scale=args.scale, copy_gbps=copy, cases=out,
-                  overhead=[dict(op=r[0], ours_us=r[1], eager_us=r[2], added_us=r[3]) for r in over])
+                  overhead=[dict(op=r[0], ours_dlpack_us=r[1], ours_ptr_us=r[2], eager_us=r[3], added_dlpack_us=r[4],
+                                 added_ptr_us=r[5]) for r in over])
     emit(title, ["kernel", "shape", "dtype", "MB", "ms", "GB/s", "of copy", "rel err", "eager ms", "x eager",
                  "compiled ms", "x compiled"], rows, result, None)
     for n in dict.fromkeys(notes):
         print(f"  note: {n}")
-    emit("host time per call at [8, 64] (us)", ["op", "ours", "torch eager", "added"], over, result, args.json)
+    emit("host time per call at [8, 64] (us; ours with tensors passed by DLPack, the default, or as raw pointers)",
+         ["op", "ours dlpack", "ours ptr", "torch eager", "added dlpack", "added ptr"], over, result, args.json)
     return 0
 
 

@@ -12,7 +12,8 @@ def register(sub) -> None:
     i.add_argument("--input", required=True)
     i.add_argument("--output", required=True, metavar="ROOT")
     i.add_argument("--name", default=None, help="schedule name (default: the model name)")
-    i.add_argument("--registry", default=None, metavar="DIR", help="registry root (default: $HPC_REGISTRY or ./registry)")
+    i.add_argument("--registry", default=None, metavar="DIR",
+                   help="registry root (default: $HPC_REGISTRY or ./registry)")
     i.add_argument("--tasks-per-node", type=int, default=1)
     i.add_argument("--time", default="1:00:00")
     i.add_argument("--partition", default=None)

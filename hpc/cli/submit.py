@@ -10,6 +10,20 @@ import argparse
 import json
 
 
+class _Intermixed(argparse.ArgumentParser):
+    """Overrides may come after the flags (``hpc submit train c.yaml --nodes 2 optim.lr=0.1``):
+    parse each subcommand intermixed (the top-level parser calls parse_known_args on it)."""
+
+    def parse_known_args(self, args=None, namespace=None):
+        if getattr(self, "_inside", False):
+            return super().parse_known_args(args, namespace)
+        self._inside = True
+        try:
+            return self.parse_known_intermixed_args(args, namespace)
+        finally:
+            self._inside = False
+
+
 def _resources(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("resources (one Slurm task per rank)")
     g.add_argument("--nodes", type=int, default=1)
@@ -42,7 +56,7 @@ def _resources(p: argparse.ArgumentParser) -> None:
 
 def register(sub) -> None:
     p = sub.add_parser("submit", help="submit training, inference, sweeps and pipelines to Slurm")
-    ssub = p.add_subparsers(dest="what", metavar="WHAT")
+    ssub = p.add_subparsers(dest="what", metavar="WHAT", parser_class=_Intermixed)
     t = ssub.add_parser("train", help="a training run (hpc train CONFIG) as a Slurm job")
     t.add_argument("config", help="YAML config (or a shipped config name)")
     t.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. optim.lr=0.01")

@@ -24,6 +24,7 @@ from typing import Any, Callable, Iterator, Mapping
 import numpy as np
 import torch
 
+from hpc.data.assemble import BatchAssembler, BufferPool
 from hpc.data.augment import Augment, batch_generator
 from hpc.data.shardio import ShardFiles, ShardReadError, check_shards, out_dtype
 from hpc.data.manifest import Manifest, load_manifest
@@ -34,6 +35,57 @@ from hpc.data.writer import block_rows as default_block_rows
 
 STATE_VERSION = 1
 __all__ = ["StreamingReader", "iter_shard", "ShardReadError", "check_shards"]
+
+
+def _threaded(make: Callable[[threading.Event], Iterator], maxsize: int, name: str) -> Iterator:
+    """Run the generator ``make(stop)`` in a daemon thread, handing items over through a queue of
+    ``maxsize``; an exception in the thread is raised in the consumer; closing this generator sets
+    ``stop`` (its own: stages never stop each other silently) and joins the thread."""
+    q: queue.Queue = queue.Queue(maxsize=max(1, maxsize))
+    stop = threading.Event()
+    gen = make(stop)
+
+    def put(item) -> bool:
+        while not stop.is_set():
+            try:
+                q.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def work() -> None:
+        try:
+            for item in gen:
+                if not put(("item", item)):
+                    return
+            put(("end", None))
+        except BaseException as e:  # forwarded to the consumer, which raises it
+            put(("error", e))
+        finally:
+            gen.close()
+
+    t = threading.Thread(target=work, name=name, daemon=True)
+    t.start()
+    try:
+        while True:
+            try:
+                kind, item = q.get(timeout=0.1)
+            except queue.Empty:
+                if stop.is_set():
+                    return
+                if not t.is_alive() and q.empty():
+                    raise RuntimeError(f"{name}: reader thread ended without a result")
+                continue
+            if kind == "item":
+                yield item
+            elif kind == "error":
+                raise item
+            else:
+                return
+    finally:
+        stop.set()
+        t.join()
 
 
 def _stats_for(m: Manifest, normalize: bool | Mapping | None) -> Mapping[str, dict]:
@@ -57,9 +109,10 @@ class StreamingReader:
                  batch_size: int = 256, seed: int = 0, shuffle: bool = True, remainder: str = "drop",
                  normalize: bool | Mapping[str, dict] = True, augment: Any = None, prefetch: int = 4,
                  shuffle_buffer_mb: float = 64.0, block_rows: int | None = None,
-                 weight_fn: Callable[[np.ndarray, int], np.ndarray] | None = None):
+                 weight_fn: Callable[[np.ndarray, int], np.ndarray] | None = None, direct_io: bool = True):
         """``weight_fn(row_ids, epoch) -> weights`` (optional) multiplies each sample's weight:
-        the hook for bootstrap ensembles (e.g. Poisson(1) multiplicities keyed on row id)."""
+        the hook for bootstrap ensembles (e.g. Poisson(1) multiplicities keyed on row id).
+        ``direct_io=False`` reads everything through HDF5 instead of ``os.preadv`` (same batches)."""
         self.manifest = load_manifest(split_dir)
         m = self.manifest
         check_shards(m)  # missing / truncated / mis-schema shards fail here, naming the file
@@ -82,6 +135,9 @@ class StreamingReader:
                 raise ValueError(f"{m.path}: augment needs an 'x' field; fields are {sorted(m.fields)}")
             self.augment.check(m.fields["x"].shape)
         self.weight_fn = weight_fn
+        self.direct_io = bool(direct_io)  # False: every read through HDF5 (for comparison/debugging)
+        self.scatter = bool(direct_io)
+        self._pool = BufferPool(cap=2 * prefetch + 8)
         self._offsets = np.concatenate([[0], np.cumsum(m.sample_counts)]).astype(np.int64)
         self.epoch, self.position = 0, 0
 
@@ -140,84 +196,37 @@ class StreamingReader:
             self.epoch, self.position = epoch + 1, 0
 
     def _prefetched(self, epoch: int, start: int) -> Iterator[dict[str, torch.Tensor]]:
-        q: queue.Queue = queue.Queue(maxsize=self.prefetch)
-        stop = threading.Event()
-
-        def put(item) -> bool:
-            while not stop.is_set():
-                try:
-                    q.put(item, timeout=0.1)
-                    return True
-                except queue.Full:
-                    continue
-            return False
-
-        def work() -> None:
-            gen = self._batches(epoch, start)
-            try:
-                for b in gen:
-                    if not put(("batch", b)):
-                        return
-                put(("end", None))
-            except BaseException as e:  # forwarded to the consumer, which raises it
-                put(("error", e))
-            finally:
-                gen.close()
-
-        t = threading.Thread(target=work, name=f"hpc-reader-r{self.rank}", daemon=True)
-        t.start()
+        # Two stages, each a thread: reading (os.preadv releases the GIL) runs ahead while the
+        # previous batches are normalized, augmented and handed over.
+        raw = _threaded(lambda stop: self._raw_batches(epoch, start), 1, f"hpc-io-r{self.rank}")
+        batches = _threaded(lambda stop: (self._finish(a, epoch, step) for step, a in raw),
+                            self.prefetch, f"hpc-batch-r{self.rank}")
         try:
-            while True:
-                kind, item = q.get()
-                if kind == "batch":
-                    yield item
-                elif kind == "error":
-                    raise item
-                else:
-                    return
+            yield from batches
         finally:
-            stop.set()
-            t.join()
+            batches.close()  # joins the batch thread; then nothing iterates `raw` any more
+            raw.close()
 
     def _batches(self, epoch: int, start: int) -> Iterator[dict[str, torch.Tensor]]:
-        m, bs = self.manifest, self.batch_size
-        plan = self.plan(epoch)
-        files = ShardFiles(m)
-        names = list(m.fields)
-        cur_w, cur = -1, None
+        """Everything in the calling thread (``prefetch=0``)."""
+        raw = self._raw_batches(epoch, start)
         try:
-            for step in range(start, self.batches_per_epoch):
-                a, b = step * bs, min((step + 1) * bs, plan.samples)
-                parts: list[dict[str, np.ndarray]] = []
-                while a < b:
-                    w = plan.window_at(a)
-                    if w != cur_w:
-                        cur_w, cur = w, self._load_window(files, plan, w, names)
-                    hi = min(b, int(plan.starts[w + 1]))
-                    idx = cur["perm"][a - plan.starts[w]:hi - plan.starts[w]]
-                    parts.append({k: cur[k][idx] for k in names + ["row_id"]})
-                    a = hi
-                yield self._finish(parts, epoch, step)
+            for step, arrays in raw:
+                yield self._finish(arrays, epoch, step)
+        finally:
+            raw.close()
+
+    def _raw_batches(self, epoch: int, start: int) -> Iterator[tuple[int, dict[str, np.ndarray]]]:
+        files = ShardFiles(self.manifest, direct=self.direct_io)
+        asm = BatchAssembler(self.manifest, self.plan(epoch), self.batch_size, start,
+                             self.batches_per_epoch, self._offsets, self._pool, scatter=self.scatter)
+        try:
+            yield from asm.batches(files)
         finally:
             files.close()
 
-    def _load_window(self, files: ShardFiles, plan: RankPlan, w: int, names) -> dict[str, np.ndarray]:
-        seg = plan.window_segments(w)
-        data = files.read(seg, names, reuse=True)  # batches are gathered copies: safe to reuse
-        data["row_id"] = np.concatenate([np.arange(self._offsets[s] + a, self._offsets[s] + b)
-                                         for s, a, b in seg.tolist()]).astype(np.int64)
-        data["perm"] = plan.window_perm(w)
-        return data
-
-    def _finish(self, parts: list[dict[str, np.ndarray]], epoch: int, step: int) -> dict[str, torch.Tensor]:
+    def _finish(self, arrays: dict[str, np.ndarray], epoch: int, step: int) -> dict[str, torch.Tensor]:
         m, bs = self.manifest, self.batch_size
-        if len(parts) == 1:
-            arrays = parts[0]
-        elif parts:
-            arrays = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
-        else:  # a "pad" batch entirely past this rank's samples
-            arrays = {k: np.zeros((0,) + s.shape, s.dtype) for k, s in m.fields.items()}
-            arrays["row_id"] = np.zeros(0, np.int64)
         n = len(arrays["row_id"])
         weight = np.ones(n, np.float32)
         if self.weight_fn is not None and n:
@@ -227,7 +236,7 @@ class StreamingReader:
             arrays = {k: np.concatenate([v, np.zeros((pad,) + v.shape[1:], v.dtype)]) for k, v in arrays.items()}
             arrays["row_id"][n:] = -1
             weight = np.concatenate([weight, np.zeros(pad, np.float32)])
-        arrays = {k: self._norm(k, v, inplace=True) for k, v in arrays.items()}  # gathered copies: ours
+        arrays = {k: self._norm(k, v, inplace=True) for k, v in arrays.items()}  # fresh batch arrays: ours
         batch = _to_torch(arrays, m)
         batch["weight"] = torch.from_numpy(weight)
         if self.augment is not None:

@@ -19,6 +19,7 @@ import numpy as np
 from hpc.data.manifest import Manifest
 
 MAX_OPEN_FILES = 64
+IOV_MAX = 1024  # iovecs per preadv call (Linux's limit)
 
 
 class ShardReadError(RuntimeError):
@@ -91,6 +92,27 @@ class _Direct:
         return (native and whole_rows and not dt.hasobject and dt.kind in "biuf"
                 and ds.compression is None and not ds.shuffle and not ds.fletcher32 and ds.scaleoffset is None)
 
+    def read_iov(self, fd: int, a: int, b: int, iov: list) -> bool:
+        """Rows [a, b), row i into buffer ``iov[i - a]`` (scatter: one syscall per chunk run)."""
+        i = 0
+        while a < b:
+            c = a // self.chunk_rows
+            end = min(b, (c + 1) * self.chunk_rows)
+            base = int(self.offsets[c])
+            if base < 0:
+                return False
+            offset = base + (a - c * self.chunk_rows) * self.row_bytes
+            for g in range(i, i + end - a, IOV_MAX):
+                group = iov[g:min(g + IOV_MAX, i + end - a)]
+                want = len(group) * self.row_bytes
+                got = os.preadv(fd, group, offset)
+                if got != want:
+                    raise OSError(f"short read: {got} of {want} bytes (file truncated?)")
+                offset += want
+            i += end - a
+            a = end
+        return True
+
     def read(self, fd: int, a: int, b: int, dest: np.ndarray) -> bool:
         """Rows [a, b) into ``dest``; False if a chunk is unallocated (caller falls back to HDF5)."""
         view = memoryview(dest.reshape(-1).view(np.uint8))
@@ -114,9 +136,8 @@ class ShardFiles:
     """Lazily opened, LRU-capped handles of one manifest's shards (owned by one thread)."""
 
     def __init__(self, m: Manifest, direct: bool = True):
-        self.m, self.direct = m, direct
+        self.m, self.use_direct = m, direct
         self.open: OrderedDict[int, tuple] = OrderedDict()
-        self.buffers: dict[str, np.ndarray] = {}
 
     def _entry(self, shard: int) -> tuple:
         entry = self.open.get(shard)
@@ -126,7 +147,7 @@ class ShardFiles:
             # Dataset objects are cached: a path lookup costs about as much as reading a 1 MB chunk.
             dss = {k: f[self.m.shards[shard].datasets.get(k, "/" + k)] for k in self.m.fields}
             direct = {}
-            if self.direct:
+            if self.use_direct:
                 for k, ds in dss.items():
                     try:
                         direct[k] = _Direct(ds) if _Direct.usable(ds) else None
@@ -142,18 +163,39 @@ class ShardFiles:
     def dataset(self, shard: int, name: str) -> h5py.Dataset:
         return self._entry(shard)[1][name]
 
-    def read(self, segments: np.ndarray, names, reuse: bool = False) -> dict[str, np.ndarray]:
-        """Read segments (shard, start, stop) back to back. ``reuse``: into buffers kept across calls
-        (valid until the next call; saves re-faulting a fresh window's pages every time)."""
+    def direct(self, shard: int, name: str) -> "_Direct | None":
+        try:
+            return self._entry(shard)[2].get(name)
+        except Exception as e:
+            raise ShardReadError(f"{self.m.shard_path(shard)}: cannot open ({type(e).__name__}: {e})") from e
+
+    def read_rows_into(self, shard: int, name: str, a: int, b: int, iov: list) -> None:
+        """Rows [a, b) of a direct-readable field, row i into the writable buffer ``iov[i - a]``."""
+        try:
+            _, dss, direct, fd = self._entry(shard)
+            if not direct[name].read_iov(fd, a, b, iov):  # an unallocated chunk: let HDF5 fill it
+                tmp = np.empty((b - a,) + dss[name].shape[1:], dss[name].dtype)
+                self._read_rows(dss[name], a, b, tmp)
+                flat = tmp.reshape(b - a, -1).view(np.uint8)
+                for i, dest in enumerate(iov):
+                    dest[:] = flat[i].tobytes()
+        except Exception as e:
+            raise ShardReadError(f"{self.m.shard_path(shard)}: read of rows {a}:{b} of {name!r} failed "
+                                 f"({type(e).__name__}: {e})") from e
+
+    def read(self, segments: np.ndarray, names, into: dict | None = None) -> dict[str, np.ndarray]:
+        """Read segments (shard, start, stop) back to back into fresh arrays, or into the arrays of
+        ``into`` (grown when too small; reusing them saves re-faulting a window's pages each time,
+        which costs more than the read on a busy VM)."""
         n = int((segments[:, 2] - segments[:, 1]).sum()) if len(segments) else 0
         out = {}
         for k in names:
             shape, dtype = (n,) + self.m.fields[k].shape, self.m.fields[k].dtype
-            buf = self.buffers.get(k) if reuse else None
+            buf = into.get(k) if into is not None else None
             if buf is None or buf.shape[0] < n:
                 buf = np.empty(shape, dtype)
-                if reuse:
-                    self.buffers[k] = buf
+                if into is not None:
+                    into[k] = buf
             out[k] = buf[:n]
         pos = 0
         for shard, a, b in segments.tolist():

@@ -1,0 +1,1 @@
+"""Batch inference (`hpc infer`): ``job.run(InferConfig)``; see docs/infer.md."""

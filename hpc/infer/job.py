@@ -26,20 +26,20 @@ from __future__ import annotations
 
 import json
 import os
-import queue
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
-import numpy as np
 import torch
 
+from hpc.infer.output import (MANIFEST, SUCCESS, claim_output, partition_record, read_output,
+                              sidecar_path)
+from hpc.infer.pipeline import score_shards
 from hpc.infer.writers import FORMATS, partition_name, write_partition
 from hpc.util.io import atomic_write_json, atomic_write_text, read_json, sha256_bytes, sha256_file
 
-JOB, MANIFEST, SUCCESS, PARTS = "_JOB.json", "_MANIFEST.json", "_SUCCESS", "_parts"
+__all__ = ["InferConfig", "check_input", "load_scorer", "read_output", "run"]
 COMBINES = ("mean", "vote")
 # Test hook (documented in docs/infer.md): seconds to sleep after publishing each partition, so a
 # test can kill a rank mid-run deterministically. Unset in production; costs nothing then.
@@ -127,246 +127,6 @@ def check_input(model_rec: dict, manifest) -> None:
         raise ValueError(f"{e} (model {model_rec['name']}@{model_rec['version']})") from None
 
 
-def id_fields(manifest) -> list[str]:
-    """Input fields copied to the output: integer scalar model inputs (user, item) and id fields."""
-    out = []
-    for name, spec in manifest.fields.items():
-        scalar_int = spec.shape == () and np.dtype(spec.dtype).kind in "iu"
-        is_id = name == "id" or name.endswith("_id")
-        if (scalar_int and name in manifest.input_fields) or (is_id and spec.shape == ()):
-            out.append(name)
-    return out
-
-
-# ------------------------------------------------------------------------------ output directory
-def _ours(name: str) -> bool:
-    ext = tuple(f".{e}" for e in FORMATS.values())
-    return (name in (JOB, MANIFEST, SUCCESS, PARTS) or (name.startswith("part-") and name.endswith(ext))
-            or (name.startswith(".") and name.endswith(".tmp")))
-
-
-def _identity_diff(old: dict, new: dict) -> list[str]:
-    """Human-readable differences between two job identities (models shown as NAME@VERSION)."""
-    def show(k: str, v: Any) -> str:
-        if k == "models" and isinstance(v, list):
-            return ",".join(f"{m.get('name')}@{m.get('version')}" for m in v if isinstance(m, dict))
-        return json.dumps(v, default=str)[:80]
-
-    return [f"{k} {show(k, old.get(k))} (there) vs {show(k, new.get(k))} (this job)"
-            for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
-
-
-def claim_output(out: Path, job: dict, fmt: str, overwrite: bool) -> str:
-    """Rank 0, before any partition is written: 'complete' (nothing to do) or 'run'."""
-    out.mkdir(parents=True, exist_ok=True)
-    foreign = sorted(p.name for p in out.iterdir() if not _ours(p.name))
-    if foreign:
-        raise ValueError(f"{out}: holds files hpc infer did not write ({', '.join(foreign[:5])}); "
-                         "use an empty or new --output directory")
-    if (out / JOB).exists():
-        try:
-            old = read_json(out / JOB)
-        except ValueError:
-            old = {}
-        diff = _identity_diff(old, job)
-        if diff and not overwrite:
-            raise ValueError(f"{out}: written by another job ({'; '.join(diff)}); pass --overwrite to "
-                             "replace it, or choose another --output")
-        if diff:
-            _clear(out)
-    elif any(out.iterdir()):
-        _clear(out)  # only our leftovers (temporary files of a run killed before _JOB.json)
-    if (out / SUCCESS).exists() and _manifest_valid(out, fmt):
-        return "complete"
-    # From here on the directory is visibly incomplete until the new _SUCCESS.
-    for name in (SUCCESS, MANIFEST):
-        (out / name).unlink(missing_ok=True)
-    for d in (out, out / PARTS):
-        for p in d.glob(".*.tmp") if d.is_dir() else ():
-            p.unlink(missing_ok=True)  # a killed run's half-written files; nobody writes yet
-    if not (out / JOB).exists():
-        atomic_write_json(out / JOB, job)
-    return "run"
-
-
-def _clear(out: Path) -> None:
-    import shutil
-
-    for p in out.iterdir():
-        if _ours(p.name):
-            shutil.rmtree(p) if p.is_dir() else p.unlink()
-
-
-def _manifest_valid(out: Path, fmt: str) -> bool:
-    try:
-        man = read_json(out / MANIFEST)
-        return all(sha256_file(out / p["file"]) == p["sha256"] for p in man["partitions"])
-    except (ValueError, KeyError, OSError):
-        return False
-
-
-def sidecar_path(out: Path, shard: int) -> Path:
-    return out / PARTS / f"part-{shard:05d}.json"
-
-
-def partition_record(out: Path, shard: int, fmt: str, job_sha: str, rows: int,
-                     rehash: bool = True) -> dict | None:
-    """The sidecar of a complete, valid partition of this job, or None (then it is (re)written).
-
-    ``rehash=False`` trusts the sidecar's sha256 (checks the size only): for partitions this run
-    wrote or already re-hashed, so rank 0 does not read every partition once more at the end.
-    """
-    try:
-        rec = read_json(sidecar_path(out, shard))
-        path = out / rec["file"]
-        ok = (rec["job"] == job_sha and rec["rows"] == rows and rec["file"] == partition_name(shard, fmt)
-              and path.stat().st_size == rec["bytes"] and (not rehash or sha256_file(path) == rec["sha256"]))
-    except (ValueError, KeyError, OSError, TypeError):
-        return None
-    return rec if ok else None
-
-
-# ------------------------------------------------------------------------------ the pipeline
-class _Thread(threading.Thread):
-    """A daemon thread whose exception is re-raised by ``join_raise`` in the caller."""
-
-    def __init__(self, target: Callable[[], None], name: str):
-        super().__init__(name=name, daemon=True)
-        self._fn, self.error = target, None
-
-    def run(self) -> None:
-        try:
-            self._fn()
-        except BaseException as e:  # re-raised in the main thread
-            self.error = e
-
-    def join_raise(self) -> None:
-        self.join()
-        if self.error is not None:
-            raise self.error
-
-
-def _put(q: queue.Queue, item, stop: threading.Event) -> None:
-    while not stop.is_set():
-        try:
-            q.put(item, timeout=0.1)
-            return
-        except queue.Full:
-            continue
-
-
-def _get(q: queue.Queue, thread: _Thread):
-    while True:
-        try:
-            return q.get(timeout=0.1)
-        except queue.Empty:
-            if not thread.is_alive():
-                thread.join_raise()
-                raise RuntimeError(f"{thread.name} thread stopped without finishing")
-
-
-def score_shards(scorer, manifest, shards: list[int], cfg: InferConfig, model_rec: dict,
-                 device: torch.device, publish: Callable[[int, dict], None]) -> int:
-    """Score ``shards`` in order; ``publish(shard, columns)`` runs on a writer thread. Returns rows."""
-    from hpc.data.reader import iter_shard
-
-    ids = id_fields(manifest)
-    stop = threading.Event()
-    batches: queue.Queue = queue.Queue(maxsize=cfg.prefetch)
-    finished: queue.Queue = queue.Queue(maxsize=2)  # bounded: at most 2 shards' outputs wait
-    pin = device.type == "cuda"
-
-    def read() -> None:
-        for s in shards:
-            for batch in iter_shard(manifest, s, cfg.batch_size, normalize=False):
-                prepared = scorer.prepare(batch)
-                if pin:
-                    prepared = _pin(prepared)
-                keep = {"index": batch["row"], "row_id": batch["row_id"], **{k: batch[k] for k in ids}}
-                _put(batches, (s, prepared, keep), stop)
-            _put(batches, (s, None, None), stop)
-
-    def write() -> None:
-        while True:
-            item = finished.get()
-            if item is None:
-                return
-            publish(*item)
-
-    from hpc.registry.ensemble import move
-
-    reader, writer = _Thread(read, "infer-reader"), _Thread(write, "infer-writer")
-    reader.start()
-    writer.start()
-    rows = 0
-    try:
-        for _ in shards:
-            parts: list[tuple[dict, torch.Tensor]] = []
-            while True:
-                s, prepared, keep = _get(batches, reader)
-                if prepared is None:
-                    break
-                with torch.inference_mode():
-                    out = scorer(move(prepared, device, non_blocking=pin))
-                parts.append((keep, out.cpu()))
-            cols = _columns(s, parts, ids, cfg.top_k, model_rec)
-            rows += len(cols["index"])
-            while True:  # hand over to the writer, noticing if it died
-                try:
-                    finished.put((s, cols), timeout=0.1)
-                    break
-                except queue.Full:
-                    if not writer.is_alive():
-                        writer.join_raise()
-        reader.join_raise()
-    finally:
-        stop.set()
-        while True:
-            try:
-                finished.put(None, timeout=0.1)
-                break
-            except queue.Full:
-                if not writer.is_alive():
-                    break
-    writer.join_raise()
-    return rows
-
-
-def _pin(prepared):
-    if isinstance(prepared, torch.Tensor):
-        return prepared.pin_memory()
-    if isinstance(prepared, dict):
-        return {k: _pin(v) for k, v in prepared.items()}
-    return [_pin(v) for v in prepared]
-
-
-def _columns(shard: int, parts: list[tuple[dict, torch.Tensor]], ids: list[str], top_k: int,
-             model_rec: dict) -> dict[str, np.ndarray]:
-    """One partition's columns from its batches (pure given the tensors)."""
-    cat = (lambda k: torch.cat([p[0][k] for p in parts]).numpy()) if parts else (lambda k: np.zeros(0, np.int64))
-    out = torch.cat([p[1] for p in parts]) if parts else torch.zeros(0)
-    n = len(cat("index"))
-    cols: dict[str, np.ndarray] = {"shard": np.full(n, shard, np.int32), "index": cat("index"),
-                                   "row_id": cat("row_id")}
-    for k in ids:
-        cols[k] = cat(k)
-    if model_rec["task"] == "classification":
-        probs = out.float().reshape(n, -1) if n else torch.zeros(0, model_rec["schema"]["num_classes"])
-        cols["prediction"] = probs.argmax(dim=-1).numpy().astype(np.int64)
-        if top_k:
-            k = min(top_k, probs.shape[1])
-            val, idx = torch.topk(probs, k, dim=-1)
-            cols["top_k_classes"] = idx.numpy().astype(np.int64)
-            cols["top_k_probs"] = val.numpy().astype(np.float32)
-        else:
-            cols["probabilities"] = probs.numpy().astype(np.float32)
-    else:
-        cols["prediction"] = out.float().reshape(-1).numpy()
-    cols["model"] = np.array([model_rec["name"]] * n, dtype=object)
-    cols["model_version"] = np.full(n, model_rec["version"], np.int32)
-    return cols
-
-
 # ------------------------------------------------------------------------------ the job
 def _device(cfg: InferConfig, local_rank: int) -> torch.device:
     if cfg.device == "cpu" or (cfg.device == "auto" and not torch.cuda.is_available()):
@@ -405,7 +165,7 @@ def run(cfg: InferConfig, comm=None, log: Callable[[str], None] = print) -> dict
     state = None
     if world.is_main:
         try:
-            state = ("ok", claim_output(out, job, cfg.format, cfg.overwrite))
+            state = ("ok", claim_output(out, job, cfg.overwrite))
         except ValueError as e:
             state = ("error", str(e))
     state = comm.broadcast_object(state, root=0)
@@ -434,10 +194,12 @@ def run(cfg: InferConfig, comm=None, log: Callable[[str], None] = print) -> dict
             time.sleep(delay)
 
     t0 = time.time()
-    rows = score_shards(scorer, manifest, todo, cfg, model_rec, device, publish)
+    waits = score_shards(scorer, manifest, todo, cfg.batch_size, cfg.prefetch, cfg.top_k, model_rec,
+                         device, publish)
+    rows = waits.pop("rows")
     scoring_s = time.time() - t0
     mine_rec = {"rank": world.rank, "shards": len(mine), "written": len(todo),
-                "skipped": len(mine) - len(todo), "rows_written": rows, "scoring_s": round(scoring_s, 4),
+                "skipped": len(mine) - len(todo), "rows_written": rows, "scoring_s": round(scoring_s, 4), **waits,
                 "device": str(device), "threads": torch.get_num_threads()}
     ranks = comm.allgather_object(mine_rec)
     comm.barrier()
@@ -448,7 +210,8 @@ def run(cfg: InferConfig, comm=None, log: Callable[[str], None] = print) -> dict
         log(f"wrote {sum(r['written'] for r in ranks)} partition(s), skipped "
             f"{sum(r['skipped'] for r in ranks)} complete one(s): {total} rows of "
             f"{model_rec['name']}@{model_rec['version']} predictions in {out} ({cfg.format}, "
-            f"{world.size} rank(s), {time.time() - start:.1f} s)")
+            f"{world.size} rank(s), {time.time() - start:.1f} s)"
+            + (f"; read them with pandas.read_parquet({str(out)!r})" if cfg.format == "parquet" else ""))
     comm.barrier()
     return summary
 
@@ -483,10 +246,3 @@ def _finish(out: Path, cfg: InferConfig, job: dict, job_sha: str, model_rec: dic
     return man
 
 
-def read_output(out: str | os.PathLike) -> Iterator[Path]:
-    """The partitions of a finished output directory, in shard order (refuses an unfinished one)."""
-    out = Path(out)
-    if not (out / SUCCESS).exists():
-        raise ValueError(f"{out}: no {SUCCESS}; the job has not finished (rerun it to complete it)")
-    for p in read_json(out / MANIFEST)["partitions"]:
-        yield out / p["file"]

@@ -63,7 +63,9 @@ class Schedule:
         if "@" not in self.model:
             raise ValueError(f"--model {self.model!r}: expected NAME@ALIAS or NAME@VERSION (e.g. digits@production)")
         self.input, self.output = str(Path(self.input).resolve()), str(Path(self.output).resolve())
-        self.registry = str(Path(self.registry or os.environ.get("HPC_REGISTRY") or "registry").resolve())
+        from hpc.registry import default_root
+
+        self.registry = str(Path(self.registry or default_root()).resolve())
         self.res.name = f"hpc-sched-{self.name}"
         self.res.check()
         return self

@@ -69,7 +69,7 @@ def job_fields(job_id: str) -> dict[str, str]:
     """``scontrol show job -o ID`` as a dict (JobState, TimeLimit, Comment, StdOut, ...)."""
     out = run(["scontrol", "show", "job", "-o", str(job_id)]).stdout
     # Values may contain spaces (Command, Comment): a value runs until the next " Key=".
-    return {m.group(1): m.group(2) for m in re.finditer(r"(\w+)=(.*?)(?= [\w/:]+=|$)", out.strip())}
+    return {m.group(1): m.group(2).strip() for m in re.finditer(r"(\w+)=(.*?)(?= [\w/:]+=|$)", out.strip())}
 
 
 def squeue_states(job_ids: Iterable[str] | None = None) -> dict[str, dict[str, str]]:

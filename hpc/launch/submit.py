@@ -167,7 +167,7 @@ def train_layout(cfg, mode: str, kind: str = "train") -> tuple[Path, str | None]
     """(run dir with ``%j`` under Slurm, run_id to pin or None to let the job use its job id)."""
     base = Path(cfg.out_dir).resolve() / cfg.name
     if cfg.run_id:
-        return base / cfg.run_id, None
+        return base / cfg.run_id, cfg.run_id
     if mode == "slurm":
         return base / "slurm-%j", None
     rid = _local_run_id(kind)
@@ -236,6 +236,9 @@ def submit_sweep(config: str, overrides: Sequence[str], grid: Sequence[str], res
     from hpc.train.config import load_config
 
     points = expand_grid(grid)
+    if any(k == "dist.backend" or k == "dist" for k in points[0]):
+        raise ValueError("--grid dist.backend: all members of an array share one sbatch script (srun "
+                         "--mpi=pmix or not); submit one sweep per backend instead")
     cfg, config_path, overrides = _load_train_config(config, overrides)
     if cfg.run_id:
         raise ValueError(f"run_id={cfg.run_id!r}: leave run_id unset for a sweep (each member gets its own)")
@@ -294,7 +297,9 @@ def submit_pipeline(config: str, overrides: Sequence[str], res: SlurmResources, 
         raise ValueError(f"--infer-input {infer_input}: not a directory (a data directory made by `hpc data`)")
     reg = cfg.registry
     alias = reg.alias or alias
-    reg_root = str(Path(reg.root).resolve()) if reg.root else str(Path(os.environ.get("HPC_REGISTRY") or "registry").resolve())
+    from hpc.registry import default_root
+
+    reg_root = str(Path(reg.root or default_root()).resolve())
     # The register stage is its own job: the training job must not register too.
     train_overrides = [*overrides, "registry=null"]
     res.check()

@@ -89,8 +89,9 @@ def _use_cupy(*tensors: torch.Tensor | None) -> bool:
     if not ts or not all(t.is_cuda for t in ts) or _cupy_missing() is not None:
         return False
     dev = torch.cuda.current_device()
+    floats = {t.dtype for t in ts if t.is_floating_point()}  # one dtype (mixed, e.g. under autocast: torch)
     return (all(t.is_contiguous() and t.device.index == dev for t in ts)
-            and all(t.dtype in KERNEL_DTYPES for t in ts if t.is_floating_point()))
+            and len(floats) <= 1 and floats <= set(KERNEL_DTYPES))
 
 
 def _k():

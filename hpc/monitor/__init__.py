@@ -7,7 +7,7 @@ The trainer uses two objects (see docs/operability.md for the exact calls)::
     with hb.phase("data"): batch = next(it)
     ...
     hb.set_step(step, epoch, samples=len(batch))
-    wd.close(); hb.close("done")
+    wd.close(); hb.close("completed")   # or the trainer's final state: failed, preempted
 """
 
 from hpc.monitor.heartbeat import PHASES, Heartbeat, read_heartbeats

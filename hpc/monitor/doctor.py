@@ -7,6 +7,7 @@ ones (a real 2-rank all-reduce through the launcher, reading the data) are bound
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 import shutil
@@ -190,7 +191,6 @@ def check_mpi(cfg: DoctorConfig) -> list[Row]:
                     "interfaces (OMPI_MCA_btl_tcp_if_include), firewalls, and `mpiexec -n 2 hostname`")]
     except OSError as e:
         return [Row("mpi", "fail", f"{name} cannot start: {e}", MPIEXEC_HINT)]
-    import json
     line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("{")), None)
     if proc.returncode != 0 or line is None:
         tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]

@@ -2,7 +2,7 @@
 
 ``RUN_DIR/heartbeat/rank-R.json`` is rewritten atomically every ``interval_s`` by a daemon thread.
 The hot path (``hb.phase("comm")``, ``hb.set_step(...)``) does no I/O and takes no lock: it stores a
-few attributes (about a microsecond per call); the thread snapshots them. Readers: the watchdog
+few attributes (a few microseconds per call); the thread snapshots them. Readers: the watchdog
 (which rank is behind), ``hpc status`` (live view) and ``hpc report`` (goodput, step-time
 distribution, throughput over time).
 
@@ -80,19 +80,19 @@ def read_heartbeats(run_dir: str | os.PathLike) -> dict[int, dict]:
 
 
 class _Phase:
-    """Context manager returned by ``Heartbeat.phase``: two clock reads and a few assignments."""
+    """Context manager returned by ``Heartbeat.phase`` (one cached per phase name: no allocation)."""
 
-    __slots__ = ("hb", "name", "prev")
+    __slots__ = ("hb", "name")
 
     def __init__(self, hb: "Heartbeat", name: str):
-        self.hb, self.name, self.prev = hb, name, None
+        self.hb, self.name = hb, name
 
     def __enter__(self) -> "_Phase":
-        self.prev = self.hb._switch(self.name)
+        self.hb._stack.append(self.hb._switch(self.name))
         return self
 
     def __exit__(self, *exc) -> None:
-        self.hb._switch(self.prev)
+        self.hb._switch(self.hb._stack.pop())
 
 
 class Heartbeat:
@@ -100,13 +100,13 @@ class Heartbeat:
 
     ``with hb.phase("comm"): ...`` marks time; phases nest (the inner one counts, the outer resumes
     after it). Call ``hb.set_step(step, epoch, samples=n)`` once per step (``samples``: this rank's
-    samples in that step, for samples/s), ``hb.close("done"|"failed"|...)`` at the end.
+    samples in that step, for samples/s), ``hb.close("completed"|"failed"|"preempted")`` at the end.
     """
 
     def __init__(self, run_dir: str | os.PathLike, rank: int, interval_s: float = 5.0, *,
                  world_size: int | None = None, total_steps: int | None = None,
                  restart_count: int | None = None, job_id: str | None = None, start: bool = True,
-                 clock: Callable[[], float] | None = None):
+                 clock: Callable[[], float] | None = None, started: float | None = None):
         if not interval_s > 0:
             raise ValueError(f"heartbeat interval_s={interval_s!r}: must be a positive number of seconds")
         if rank < 0:
@@ -121,11 +121,16 @@ class Heartbeat:
         # ``clock`` (simulations, tests): one callable giving epoch seconds for both wall and durations.
         self._mono = clock or time.monotonic
         self._wall = clock or time.time
-        self.started = self._wall()
-        self._t0 = self._mono()
+        # ``started``: when this process began (e.g. the trainer's t_start), so start-up time before
+        # the Heartbeat existed counts as allocated, idle time in goodput.
+        now_w, now_m = self._wall(), self._mono()
+        self.started = min(started, now_w) if started is not None else now_w
+        self._t0 = now_m - (now_w - self.started)
         # Hot-path state (written by the training thread, read by the writer/watchdog threads).
         self._cur: tuple[str, float] = ("idle", self._t0)   # one tuple: read and written atomically
         self._phase_s = dict.fromkeys(PHASES, 0.0)
+        self._ctx = {p: _Phase(self, p) for p in PHASES}
+        self._stack: list[str] = []   # phases to return to (nesting)
         self.step: int | None = None
         self.epoch: int | None = None
         self.samples = 0
@@ -138,7 +143,15 @@ class Heartbeat:
         self._recent: collections.deque = collections.deque(maxlen=6)  # for the current rate
         self._beats = 0
         self.state = "running"
-        self._attempts = self._previous_attempts()
+        self._closed = False
+        # A requeued process continues this rank's history: attempts, step-time histogram, events.
+        old = self._previous()
+        self._attempts = list(old.get("attempts") or [])
+        hist = (old.get("step_hist") or {})
+        if hist.get("lo_s") == HIST_LO_S and hist.get("per_decade") == HIST_PER_DECADE and \
+                len(hist.get("counts") or []) == HIST_BUCKETS:
+            self._hist = [int(c) for c in hist["counts"]]
+        self._events = list(old.get("events") or [])[-EVENTS_MAX // 2:]  # room for this attempt's
         self._stop = threading.Event()
         self._write_lock = threading.Lock()
         self._thread: threading.Thread | None = None
@@ -149,9 +162,10 @@ class Heartbeat:
 
     # -- hot path ---------------------------------------------------------------------------
     def phase(self, name: str) -> _Phase:
-        if name not in PHASES:
+        ctx = self._ctx.get(name)
+        if ctx is None:
             raise ValueError(f"heartbeat phase {name!r} is not one of {', '.join(PHASES)}")
-        return _Phase(self, name)
+        return ctx
 
     def _switch(self, name: str) -> str:
         now = self._mono()
@@ -225,8 +239,13 @@ class Heartbeat:
         while not self._stop.wait(self.interval_s):
             self.write()
 
-    def close(self, state: str = "done") -> None:
-        """Stop the thread and write the final heartbeat with ``state`` (done, failed, hung, ...)."""
+    def close(self, state: str = "completed") -> None:
+        """Stop the thread and write the final heartbeat with ``state`` (the trainer's: completed,
+        failed, preempted). Only the first call counts, so a ``finally: hb.close("failed")`` after a
+        normal ``hb.close("completed")`` changes nothing."""
+        if self._closed:
+            return
+        self._closed = True
         self._switch("idle")
         self.state = state
         self._stop.set()
@@ -238,17 +257,17 @@ class Heartbeat:
         return self
 
     def __exit__(self, exc_type, *_exc) -> None:
-        self.close("done" if exc_type is None else "failed")
+        self.close("completed" if exc_type is None else "failed")
 
-    def _previous_attempts(self) -> list[dict]:
-        """Attempts recorded by earlier processes of this run on this rank (requeues)."""
+    def _previous(self) -> dict:
+        """This rank's heartbeat left by an earlier process of the run (a requeue), or {}."""
         if not self.path.exists():
-            return []
+            return {}
         try:
             old = read_json(self.path)
         except ValueError:
-            return []
-        return list(old.get("attempts") or [])
+            return {}
+        return old if isinstance(old, dict) else {}
 
 
 def _rate(series: list[list]) -> tuple[float | None, float | None]:

@@ -45,6 +45,9 @@ class Page:
     def h2(self, text: str) -> None:
         self.parts.append(f"<h2>{html.escape(text)}</h2>")
 
+    def h3(self, text: str) -> None:
+        self.parts.append(f"<h3>{html.escape(text)}</h3>")
+
     def p(self, text: str, note: bool = False) -> None:
         self.parts.append(f"<p{' class=note' if note else ''}>{html.escape(text)}</p>")
 
@@ -101,6 +104,7 @@ def run_section(page: Page, rd: R.RunData, prefix: str) -> None:
 
 
 def _curves(page: Page, rd: R.RunData, prefix: str) -> None:
+    page.h3("Loss and metrics")
     train, val = R.curves(rd.metrics, "train"), R.curves(rd.metrics, "val")
     names = [k for k in ("loss", "accuracy", "rmse", "auc", "top5") if k in train or k in val]
     if not names:
@@ -121,6 +125,7 @@ def _curves(page: Page, rd: R.RunData, prefix: str) -> None:
 
 
 def _throughput(page: Page, rd: R.RunData, prefix: str) -> None:
+    page.h3("Throughput over time")
     xm, ym = R.throughput_from_metrics(rd.metrics, R.global_batch(rd))
     # Heartbeat series are seconds since their process started: shift them to epoch time.
     rank_series = {}
@@ -149,6 +154,7 @@ def _throughput(page: Page, rd: R.RunData, prefix: str) -> None:
 
 
 def _step_times(page: Page, rd: R.RunData, prefix: str) -> None:
+    page.h3("Step-time distribution per rank")
     hists = {r: (hb.get("step_hist") or {}).get("counts") or [] for r, hb in sorted(rd.heartbeats.items())}
     hists = {r: c for r, c in hists.items() if sum(c)}
     if not hists:
@@ -176,6 +182,7 @@ def _step_times(page: Page, rd: R.RunData, prefix: str) -> None:
 
 
 def _phases(page: Page, rd: R.RunData, prefix: str) -> None:
+    page.h3("Data wait vs comm vs compute")
     tot = {}
     for r, hb in sorted(rd.heartbeats.items()):
         acc = dict.fromkeys(PHASES, 0.0)
@@ -208,6 +215,7 @@ def _phases(page: Page, rd: R.RunData, prefix: str) -> None:
 
 
 def _checkpoints(page: Page, rd: R.RunData, prefix: str) -> None:
+    page.h3("Checkpoint durations")
     hb = rd.heartbeats.get(0) or next(iter(rd.heartbeats.values()), {})
     ev = [e for e in hb.get("events") or [] if e[0] == "checkpoint"]
     if not ev:
@@ -226,6 +234,7 @@ def _checkpoints(page: Page, rd: R.RunData, prefix: str) -> None:
 
 
 def _goodput(page: Page, rd: R.RunData, prefix: str) -> None:
+    page.h3("Goodput and time lost to requeues")
     g = R.goodput(rd.heartbeats)
     if not g["attempts"]:
         page.p("no attempts recorded (no heartbeats): goodput unknown", note=True)
@@ -238,7 +247,7 @@ def _goodput(page: Page, rd: R.RunData, prefix: str) -> None:
         left = [0.0] * len(labels)
         for k in parts:
             vals = [a[f"{k}_s"] for a in g["attempts"]]
-            ax.barh(labels, vals, left=left, color=COLORS[k], label=k)
+            ax.barh(labels, vals, left=left, color=COLORS[k], label="idle (start-up, waits)" if k == "idle" else k)
             left = [x + y for x, y in zip(left, vals)]
         ax.set_xlabel("allocated seconds (mean over ranks)")
         ax.set_title(f"goodput {100 * (g['goodput'] or 0):.1f}%: productive step time / allocated time", pad=22)

@@ -117,6 +117,7 @@ def collect_status(run_dir: str | os.PathLike, now: float | None = None) -> dict
         "requeues": max(restarts, default=0),
         "job_id": lead.get("job_id") or ((summary or {}).get("slurm") or {}).get("job_id"),
         "hang": hang, "metrics": (summary or {}).get("metrics"),
+        "past_hang_reports": sorted(p.name for p in run_dir.glob("hang-report.*") if p.is_dir()),
     }
 
 
@@ -130,7 +131,7 @@ def _state(summary: dict | None, hang: dict | None, ranks: list[dict]) -> tuple[
         return "unknown", "no heartbeats and no summary.json: the trainer runs without a heartbeat"
     ended = [r for r in ranks if r["state"] not in (None, "running")]
     if ended and len(ended) == len(ranks):
-        worst = next((r for r in ended if r["state"] != "done"), ended[0])
+        worst = next((r for r in ended if r["state"] not in ("completed", "done")), ended[0])
         return str(worst["state"]), f"final heartbeat of rank {worst['rank']} (no summary.json)"
     stale = [r for r in ranks if r["stale"]]
     if stale:
@@ -179,6 +180,9 @@ def format_status(st: dict) -> str:
         lines.append("time       " + "  ".join(f"{k} {100 * f.get(k, 0):.0f}%" for k in ("data", "comm", "compute"))
                      + f"  other {100 * other:.0f}% (checkpoint {100 * f.get('checkpoint', 0):.0f}%, "
                        f"eval {100 * f.get('eval', 0):.0f}%, idle {100 * f.get('idle', 0):.0f}%)")
+    if st.get("past_hang_reports"):
+        lines.append(f"hangs      {len(st['past_hang_reports'])} in earlier attempts: "
+                     + ", ".join(st["past_hang_reports"]))
     ck = st.get("checkpoint")
     lines.append(f"checkpoint {ck['name']}, {_dur(ck['age_s'])} ago" if ck else "checkpoint none yet")
     if st.get("metrics"):

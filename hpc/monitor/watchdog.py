@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Callable
 
 from hpc.monitor.heartbeat import Heartbeat, read_heartbeats
-from hpc.util.io import atomic_path, atomic_write_json, fsync_dir
+from hpc.util.io import atomic_path, atomic_write_json, fsync_dir, read_json
 
 HANG_DIR = "hang-report"
 HANG_EXIT_CODE = 4  # distinct from 1 (failure), 2 (usage) and 3 (preempted+requeued: hpc.train.preempt)
@@ -132,11 +132,31 @@ class Watchdog:
         self.summary_path = self.dir / "summary.txt"
         self.report_path = self.dir / f"rank-{hb.rank}.txt"
         self.fired: HangReport | None = None
+        self._archive_previous()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         if start:
             self._thread = threading.Thread(target=self._loop, name=f"watchdog-{hb.rank}", daemon=True)
             self._thread.start()
+
+    def _archive_previous(self) -> None:
+        """Move a hang report left by an earlier attempt (a requeue) to ``hang-report.<time>``.
+
+        Otherwise every rank would see the old summary and "report" at once, and no new summary
+        could be created. Only a report older than this process is moved (cross-node clock skew
+        is far below the margin), so a late-starting rank never moves the current attempt's.
+        """
+        if not self.dir.is_dir():
+            return
+        try:
+            t = float(read_json(self.dir / "summary.json")["time"])
+        except (ValueError, KeyError, TypeError):
+            t = self.dir.stat().st_mtime
+        if t < self.hb.started - 5:
+            try:
+                os.rename(self.dir, self.dir.with_name(f"{HANG_DIR}.{int(t)}"))
+            except OSError:
+                pass  # another rank moved it first
 
     def close(self) -> None:
         self._stop.set()

@@ -52,6 +52,7 @@ inline std::vector<int> warp_live;
 inline Barrier block_bar;
 inline int block_live = 0, cur = 0;
 inline ucontext_t sched;
+inline std::vector<unsigned char> dyn;  // the launch's dynamic shared memory (reused by each block)
 inline std::function<void()> body;
 constexpr size_t kStack = 64 * 1024;
 
@@ -121,7 +122,9 @@ void call(void (*k)(P...), void** a, std::index_sequence<I...>) {
 }
 
 template <typename... P>
-void launch(void (*k)(P...), unsigned gx, unsigned gy, unsigned gz, unsigned bx, unsigned by, unsigned bz, void** a) {
+void launch(void (*k)(P...), unsigned gx, unsigned gy, unsigned gz, unsigned bx, unsigned by, unsigned bz,
+            unsigned smem, void** a) {
+    dyn.assign(smem + 16, 0);
     gdim = D3{gx, gy, gz};
     bdim = D3{bx, by, bz};
     body = [k, a] { call(k, a, std::index_sequence_for<P...>{}); };
@@ -134,6 +137,7 @@ void launch(void (*k)(P...), unsigned gx, unsigned gy, unsigned gz, unsigned bx,
 }
 }  // namespace emu
 
+#define DYN_SHARED(T, name) T* name = reinterpret_cast<T*>(::emu::dyn.data())
 #define threadIdx (::emu::tid)
 #define blockIdx (::emu::bid)
 #define blockDim (::emu::bdim)

@@ -196,6 +196,26 @@ def launch(fn, grid, block, args, shared_mem: int = 0) -> None:
         fn(tuple(grid), tuple(block), conv, shared_mem=shared_mem)
 
 
+def smem_optin() -> int:
+    """Dynamic shared memory a block may opt in to on this device (bytes; 227 KB on Hopper)."""
+    dev = torch.cuda.current_device()
+    key = ("smem", dev)
+    n = _sm_count.get(key)
+    if n is None:
+        try:
+            n = int(cupy().cuda.runtime.getDeviceProperties(dev)["sharedMemPerBlockOptin"])
+        except Exception:  # older CuPy without the field: the limit every device has
+            n = 48 * 1024
+        _sm_count[key] = n
+    return n
+
+
+def allow_smem(fn, nbytes: int) -> None:
+    """Raise ``fn``'s dynamic shared memory limit to ``nbytes`` (above 48 KB a kernel must opt in)."""
+    if nbytes > 48 * 1024 and fn.max_dynamic_shared_size_bytes < nbytes:
+        fn.max_dynamic_shared_size_bytes = nbytes
+
+
 def sm_count() -> int:
     dev = torch.cuda.current_device()
     n = _sm_count.get(dev)

@@ -64,6 +64,7 @@ __global__ void bias_act_bwd(const T* __restrict__ g, const T* __restrict__ x, c
     A acc = A(0);
     if (c < N) {
         const A bc = has_bias ? to_acc(b[c]) : A(0);
+#pragma unroll 4
         for (i64 r = blockIdx.y * (i64)blockDim.y + threadIdx.y; r < M; r += (i64)gridDim.y * blockDim.y) {
             const i64 k = r * N + c;
             const A d = to_acc(g[k]) * act_d<ACT>(to_acc(x[k]) + bc);

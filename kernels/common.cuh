@@ -7,6 +7,13 @@
 
 typedef long long i64;
 
+// A block's dynamic shared memory as a T array (the emulator defines its own).
+#ifndef DYN_SHARED
+#define DYN_SHARED(T, name)                                          \
+    extern __shared__ __align__(16) unsigned char name##_raw_[];     \
+    T* name = reinterpret_cast<T*>(name##_raw_)
+#endif
+
 template <typename T> struct Acc { typedef float type; };
 template <> struct Acc<double> { typedef double type; };
 

@@ -108,6 +108,44 @@ __global__ void ce_fwd_stream(const T* __restrict__ logits, const i64* __restric
         grow[c] = from_acc<T>(ignored ? A(0) : ce_grad(to_acc(row[c]), m, inv_s, c, t, smoothing, C) * gscale);
 }
 
+// Rows too long for registers but short enough for shared memory (C * sizeof(T) bytes of dynamic shared
+// memory, up to ~227 KB on Hopper): the row is copied there on its one read from device memory, and the
+// later passes (sum of exp, gradient) read shared memory. Costs occupancy (one or two blocks per SM).
+template <typename T>
+__global__ void __launch_bounds__(512) ce_fwd_smem(const T* __restrict__ logits, const i64* __restrict__ target,
+                                                   int C, i64 ignore_index, typename Acc<T>::type smoothing,
+                                                   typename Acc<T>::type* __restrict__ loss, T* __restrict__ grad,
+                                                   const typename Acc<T>::type* __restrict__ scale, i64 scale_stride) {
+    typedef typename Acc<T>::type A;
+    DYN_SHARED(T, buf);
+    __shared__ A s1[32], s2[32];
+    const i64 r = blockIdx.x;
+    const T* row = logits + r * (i64)C;
+    A m = neg_inf<A>(), sx = A(0);
+#pragma unroll 8
+    for (int c = threadIdx.x; c < C; c += blockDim.x) {  // plain loads: many in flight per thread
+        const T xv = row[c];
+        buf[c] = xv;
+        const A x = to_acc(xv);
+        m = max(m, x);
+        sx += x;
+    }
+    m = row_max(m, s1);  // its barriers also make buf visible to the whole block
+    A s = A(0);
+    for (int c = threadIdx.x; c < C; c += blockDim.x) s += exp_acc(to_acc(buf[c]) - m);
+    s = row_sum(s, s1);
+    sx = row_sum(sx, s2);
+    const i64 t = target[r];
+    bool ignored, bad;
+    A gscale, inv_s;
+    ce_epilogue(row, r, C, t, ignore_index, smoothing, m, s, sx, loss, grad, scale, scale_stride, ignored, bad,
+                gscale, inv_s);
+    if (grad == nullptr) return;
+    T* grow = grad + r * (i64)C;
+    for (int c = threadIdx.x; c < C; c += blockDim.x)
+        grow[c] = from_acc<T>(ignored ? A(0) : ce_grad(to_acc(buf[c]), m, inv_s, c, t, smoothing, C) * gscale);
+}
+
 // g *= s[0], in place, unless s[0] == 1 (the usual loss.backward()): the test runs on the device, so the
 // common case costs one launch and no pass over g, and the host never waits for the value.
 template <typename T>

@@ -17,9 +17,15 @@ _SRC = "cross_entropy.cu"
 _ones: dict = {}
 
 
+# Rows longer than registers hold but at most this many bytes go through shared memory (read once from
+# device memory, at one or two blocks per SM); longer rows stream twice through L2. A tuning knob:
+# which is faster at which size is for the GPU benchmark to say (docs/kernels.md).
+SMEM_ROW_MAX_BYTES = 160 * 1024
+
+
 def _exprs(ct: str) -> list[str]:
     regs = [f"ce_fwd_reg<{ct}, {k}>" for k in rt.npts("ce_fwd_reg", ct)]
-    return regs + [f"ce_fwd_stream<{ct}>", f"scale_inplace<{ct}>"]
+    return regs + [f"ce_fwd_smem<{ct}>", f"ce_fwd_stream<{ct}>", f"scale_inplace<{ct}>"]
 
 
 def _fn(dtype: torch.dtype, expr: str):
@@ -32,11 +38,19 @@ def rows(logits, target, ignore_index, smoothing, loss, grad, scale, stride) -> 
     (either may be None), gradient rows times scale[r * stride]."""
     B, C = logits.shape
     npt, threads = rt.row_plan(C, rt.npts("ce_fwd_reg", rt.CTYPES[logits.dtype][0])[-1])
-    expr = f"ce_fwd_reg<{{ct}}, {npt}>" if npt else "ce_fwd_stream<{ct}>"
+    smem = 0
+    if npt:
+        fn = _fn(logits.dtype, f"ce_fwd_reg<{{ct}}, {npt}>")
+    elif C * logits.element_size() <= min(SMEM_ROW_MAX_BYTES, rt.smem_optin()):
+        smem = C * logits.element_size()
+        fn = _fn(logits.dtype, "ce_fwd_smem<{ct}>")
+        rt.allow_smem(fn, smem)
+    else:
+        fn = _fn(logits.dtype, "ce_fwd_stream<{ct}>")
     acc_np = rt.CTYPES[logits.dtype][2]
-    rt.launch(_fn(logits.dtype, expr), (B,), (threads,),
+    rt.launch(fn, (B,), (threads,),
               (logits, target, np.int32(C), np.int64(ignore_index), acc_np(smoothing), loss, grad, scale,
-               np.int64(stride)))
+               np.int64(stride)), shared_mem=smem)
 
 
 def _one(dtype: torch.dtype, device: torch.device) -> torch.Tensor:

@@ -155,6 +155,9 @@ ScronParameters=enable
 # slurmd accept that instead of draining the node.
 SlurmdParameters=config_overrides
 SchedulerType=sched/backfill
+# Look at pending jobs every 2 s instead of every 60/30 s: a requeued or dependent job starts as
+# soon as it may (costs a scheduling pass every 2 s, nothing with a handful of jobs).
+SchedulerParameters=sched_interval=2,bf_interval=2
 KillWait=5
 InactiveLimit=0
 NodeName=$NODE NodeAddr=127.0.0.1 CPUs=$cpus RealMemory=$mem State=UNKNOWN

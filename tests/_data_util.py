@@ -74,5 +74,28 @@ def mpi_worker(split_dir: str, out_dir: str, batch_size: int, epochs: int) -> No
                  x=np.concatenate(xs), batches=n)
 
 
+def fail_worker(split_dir: str) -> None:
+    """Under mpiexec: rank 0 damages a shard it has not opened yet, then every rank keeps reading
+    with a collective per batch. Rank 0's ShardReadError must end the whole job, not hang it."""
+    import os
+
+    from mpi4py import MPI
+
+    from hpc.data import StreamingReader
+
+    comm = MPI.COMM_WORLD
+    r = StreamingReader(split_dir, comm.Get_rank(), comm.Get_size(), 8, shuffle=False, prefetch=0,
+                        shuffle_buffer_mb=1e-6, normalize=False)
+    for i, _batch in enumerate(r):
+        if i == 0 and comm.Get_rank() == 0:
+            p = Path(split_dir) / "shard-00002.h5"
+            p.write_bytes(b"\0" * os.path.getsize(p))
+        comm.allreduce(i)
+    print(f"rank {comm.Get_rank()} finished the epoch", flush=True)
+
+
 if __name__ == "__main__":
-    mpi_worker(sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]))
+    if sys.argv[1] == "fail":
+        fail_worker(sys.argv[2])
+    else:
+        mpi_worker(sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]))

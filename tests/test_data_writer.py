@@ -162,14 +162,19 @@ def test_sklearn_digits_round_trip_bit_exact(tmp_path):
 
 def test_index_foreign_files_in_place(tmp_path):
     rng = np.random.default_rng(1)
-    sizes, xs, ys = [100, 37, 250], [], []
+    sizes, xs, ys = [100, 37, 250, 20], [], []
     d = tmp_path / "foreign"
     d.mkdir()
     for i, n in enumerate(sizes):
         x, y = rng.normal(size=(n, 1, 6, 6)), rng.integers(0, 3, n).astype(np.int32)
         with h5py.File(d / f"part{i}.hdf5", "w") as f:
-            f.create_dataset("data/images", data=x, chunks=(7, 1, 6, 6), compression="gzip" if i != 1 else "lzf")
-            f.create_dataset("labels", data=y, chunks=(13,))
+            if i < 3:  # gzip, lzf, or uncompressed chunks of 7 rows (read with os.preadv)
+                f.create_dataset("data/images", data=x, chunks=(7, 1, 6, 6),
+                                 compression=("gzip", "lzf", None)[i])
+                f.create_dataset("labels", data=y, chunks=(13,))
+            else:  # contiguous layout
+                f.create_dataset("data/images", data=x)
+                f.create_dataset("labels", data=y)
         xs.append(x)
         ys.append(y)
     before = sorted(p.name for p in d.iterdir())
@@ -186,7 +191,7 @@ def test_index_foreign_files_in_place(tmp_path):
     ids = np.concatenate([b["row_id"][b["weight"] > 0] for r in range(3) for b in
                           collect(StreamingReader(d, r, 3, 16, remainder="pad", normalize=False))])
     assert np.array_equal(np.sort(ids), np.arange(sum(sizes)))
-    assert verify(d) == ([], 3)
+    assert verify(d) == ([], 4)
     assert cli(["data", "index", str(d), "--x", "/nope", "--y", "/labels", "--overwrite"]) == 2
     with pytest.raises(ValueError, match="exists"):
         index_hdf5(d, {"x": "/data/images", "y": "/labels"})
@@ -207,3 +212,16 @@ def test_writer_config_errors():
         WriterConfig(compression="zstd")
     with pytest.raises(ValueError, match="--kind 'video'"):
         SynthConfig(kind="video", samples=1)
+
+
+def test_cli_synth_and_usage_errors(tmp_path, capsys):
+    assert cli(["data", "synth", "--kind", "ratings", "--samples", "300", "--users", "20", "--items", "10",
+                "--noise", "0.25", "--out", str(tmp_path), "--split", "train=0.9,val=0.1"]) == 0
+    m = load_manifest(tmp_path / "train")
+    assert (m.num_users, m.num_items, m.total_samples) == (20, 10, 270)
+    assert m.provenance["synth"]["noise_floor_rmse"] == 0.25
+    assert cli(["data", "synth", "--kind", "ratings", "--samples", "10", "--out", str(tmp_path)]) == 2
+    assert "--overwrite" in capsys.readouterr().err
+    assert cli(["data", "synth", "--kind", "video", "--samples", "10", "--out", str(tmp_path / "v")]) == 2
+    assert cli(["data", "synth", "--kind", "tabular", "--samples", "10", "--out", str(tmp_path / "t"),
+                "--split", "train=0.5"]) == 2

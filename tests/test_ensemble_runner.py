@@ -4,7 +4,6 @@ import json
 
 import numpy as np
 import pytest
-import torch
 import yaml
 
 from hpc.cli import main
@@ -13,7 +12,8 @@ from hpc.data.sources import shard_source
 from hpc.data.synth import SynthConfig, synth
 from hpc.data.writer import WriterConfig
 from hpc.ensemble.boosting import residual_targets, samme_round
-from hpc.ensemble.runner import Runner, train_member
+from hpc.ensemble.member import train_member
+from hpc.ensemble.runner import Runner
 from hpc.ensemble.spec import load_spec
 from hpc.registry import Registry
 
@@ -139,3 +139,22 @@ def test_stacking_meta_model_registered(work):
     y = _labels(work / "digits" / "test")
     acc = float((scorer(scorer.prepare(b)).argmax(1).numpy() == y).mean())
     assert acc == pytest.approx(res.metrics["test"]["ensemble"]["accuracy"])
+    # rerun: every fold member found, the same meta-model refitted, no new ensemble version
+    again = Runner(spec, reg, log=lambda s: None).run()
+    assert not any(m.trained for m in again.members) and again.ensemble_ref == "stack@1"
+    assert reg.versions("stack") == [1]
+
+
+@pytest.mark.mpi
+def test_seed_bagging_members_on_two_ranks(work):
+    spec = load_spec(_spec(work, "mpibag", method="bagging", bagging={"members": 2, "bootstrap": False}))
+    reg = Registry(work / "reg")
+    res = Runner(spec, reg, nproc=2, log=lambda s: None).run()
+    assert [reg.card(m.ref)["lineage"]["world_size"] for m in res.members] == [2, 2]
+    # weighted members cannot run on several ranks until the trainer reads the hook keys
+    from hpc.ensemble.member import trainer_takes_hook
+
+    if trainer_takes_hook():
+        return
+    with pytest.raises(ValueError, match="--nproc 2: bagging members need per-row"):
+        Runner(load_spec(_spec(work, "mpibag2", method="bagging")), reg, nproc=2)

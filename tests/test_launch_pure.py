@@ -50,6 +50,28 @@ def test_run_id_matches_submitit_job_id():
     assert with_run_id(["run_id=mine"], "slurm-1") == ["run_id=mine"]
 
 
+def test_train_task_fails_the_job_when_training_fails(monkeypatch):
+    import hpc.train
+    from hpc.launch import tasks
+
+    seen = {}
+
+    def fake_run(config, overrides):
+        seen["overrides"] = overrides
+        return {"state": "failed", "reason": "non-finite loss", "run_dir": "/r"}
+
+    monkeypatch.setattr(hpc.train, "run", fake_run)
+    monkeypatch.setenv("SLURM_JOB_ID", "77")
+    monkeypatch.delenv("SLURM_ARRAY_JOB_ID", raising=False)
+    with pytest.raises(RuntimeError, match="training ended failed: non-finite loss"):
+        tasks.train_task("cfg.yaml", ["a=1"])
+    assert seen["overrides"] == ["a=1", "run_id=slurm-77"]
+    monkeypatch.setattr(hpc.train, "run", lambda c, o: {"state": "preempted"})
+    with pytest.raises(SystemExit) as e:
+        tasks.train_task("cfg.yaml", [])
+    assert e.value.code == 3
+
+
 # ------------------------------------------------------------------------------- sweeps
 def test_expand_grid_is_the_product_in_order():
     pts = sweep.expand_grid(["optim.lr=0.1,0.01", "train.epochs=1,2,3"])

@@ -29,6 +29,7 @@ def test_builtin_families_registered_with_tasks():
     ("softmax", {}), ("mlp", {"widths": [16, 8], "norm": "batch", "dropout": 0.2}),
     ("mlp", {"widths": [16], "norm": "layer", "activation": "gelu"}),
     ("cnn", {"channels": [4, 8], "convs_per_block": 2}), ("cnn", {"batch_norm": False, "head_width": 0}),
+    ("cnn", {"channels": [4, 4, 4], "pool": "max"}), ("cnn", {"pool": "avg", "dropout": 0.1}),
 ])
 @pytest.mark.parametrize("schema", [IMG, FLAT], ids=["chw", "flat"])
 def test_classifiers_give_logits_and_gradients(family, config, schema):

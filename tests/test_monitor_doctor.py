@@ -66,9 +66,23 @@ def test_unwritable_kernel_cache_fails(tmp_path, monkeypatch):
     blocker.write_text("x")
     monkeypatch.setenv("HPC_KERNEL_CACHE_DIR", str(blocker / "cupy"))
     row = _rows(D.run_doctor(D.DoctorConfig(mpi=False), checks=(D.check_kernel_cache,)), "kernel cache")
-    assert row.verdict == "fail" and "not writable" in row.detail and "HPC_KERNEL_CACHE_DIR" in row.advice
+    assert row.verdict == "fail" and str(blocker / "cupy") in row.detail and "HPC_KERNEL_CACHE_DIR" in row.advice
     monkeypatch.setenv("HPC_KERNEL_CACHE_DIR", str(tmp_path / "ok-cache"))
     assert _rows(D.run_doctor(D.DoctorConfig(), checks=(D.check_kernel_cache,)), "kernel cache").verdict == "ok"
+
+
+def test_kernel_cache_on_a_read_only_mount_fails(tmp_path, monkeypatch):
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    m = subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(ro)], capture_output=True, text=True)
+    if m.returncode != 0:
+        pytest.skip(f"cannot mount a read-only tmpfs here (needs root with CAP_SYS_ADMIN): {m.stderr.strip()}")
+    try:
+        monkeypatch.setenv("HPC_KERNEL_CACHE_DIR", str(ro))
+        row = _rows(D.run_doctor(D.DoctorConfig(), checks=(D.check_kernel_cache,)), "kernel cache")
+        assert row.verdict == "fail" and str(ro) in row.detail, row
+    finally:
+        subprocess.run(["umount", str(ro)], check=True)
 
 
 def test_shared_file_systems_get_locking_and_cache_advice(tmp_path, monkeypatch, data_dir):
@@ -171,10 +185,14 @@ def test_doctor_inside_a_slurm_allocation(slurm_cluster, tmp_path, data_dir):
                       f"#SBATCH --output={tmp_path}/slurm-%j.out\n"
                       f"{sys.executable} -m hpc doctor --data {data_dir} --json {out} --mpi-mb 4 "
                       f"--run-dir {tmp_path}/runs --registry {tmp_path}/reg\n")
-    r = subprocess.run(["sbatch", "--wait", "--export=ALL,HPC_KERNEL_CACHE_DIR=" + str(tmp_path / "cache"),
-                        str(script)], capture_output=True, text=True, timeout=240, cwd=tmp_path)
+    from hpc.launch.slurm import wait_for
+    r = subprocess.run(["sbatch", "--parsable", "--export=ALL,HPC_KERNEL_CACHE_DIR=" + str(tmp_path / "cache"),
+                        str(script)], capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    # Poll every second (sbatch --wait backs off to long sleeps).
+    state = wait_for(r.stdout.strip().split(";")[0], {"COMPLETED", "FAILED"}, timeout=240, poll=1.0)
     log = "".join(p.read_text() for p in tmp_path.glob("slurm-*.out"))
-    assert r.returncode == 0, r.stdout + r.stderr + log
+    assert state == "COMPLETED", state + "\n" + log
     rows = {row["check"]: row for row in json.loads(out.read_text())["rows"]}
     assert rows["slurm"]["verdict"] == "ok" and "partitions" in rows["slurm"]["detail"]
     assert rows["mpi"]["verdict"] == "ok" and "srun" in rows["mpi"]["detail"], rows["mpi"]

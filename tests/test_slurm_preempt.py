@@ -106,6 +106,7 @@ def test_preempted_pipeline_resumes_and_matches_uninterrupted_run(slurm_cluster,
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["state"] == "completed"
     assert summary["slurm"]["restart_count"] == 1, summary["slurm"]          # it was requeued once
+    assert summary["world_size"] == 2 and summary["backend"] == "mpi"        # srun --mpi=pmix ranks
     rank0 = (run_dir / "logs" / "rank-0.log").read_text()
     assert "preempted by SIGUSR2" in rank0 and "resumed from" in rank0        # same log, appended
     resumed_step = int(rank0.split("resumed from")[1].split("(step ")[1].split(",")[0])

@@ -23,13 +23,19 @@ cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory, slurm_cluster):
-    """A tiny config and data, and a model trained in this process, registered as tiny@production."""
+def tiny_cfg(tmp_path_factory, slurm_cluster):
+    """A tiny config and its data."""
+    root = tmp_path_factory.mktemp("slurm_submit")
+    return {"root": root, "cfg": make_tiny(root, epochs=1)}
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_cfg):
+    """... and a model trained in this process, registered as tiny@production."""
     from hpc.registry import Registry
     from hpc.train import run
 
-    root = tmp_path_factory.mktemp("slurm_submit")
-    cfg = make_tiny(root, epochs=1)
+    root, cfg = tiny_cfg["root"], tiny_cfg["cfg"]
     summary = run(str(cfg), ["run_id=local", "train.epochs=1"])
     reg = Registry(root / "registry")
     version = reg.add(summary["run_dir"], "tiny")
@@ -56,9 +62,9 @@ def _queued(name: str) -> str:
     (["optim.nosuchkey=1"], ["nosuchkey"]),
     (["--time", "soon"], ["--time", "HH:MM:SS"]),
 ])
-def test_refused_before_submission_with_slurms_message(tiny, capsys, args, expect):
+def test_refused_before_submission_with_slurms_message(tiny_cfg, capsys, args, expect):
     name = f"refuse{abs(hash(tuple(args))) % 10**6}"
-    rc = main(["submit", "train", str(tiny["cfg"]), "--name", name, *args])
+    rc = main(["submit", "train", str(tiny_cfg["cfg"]), "--name", name, *args])
     err = capsys.readouterr().err
     assert rc == 2, err
     for text in expect:
@@ -66,24 +72,24 @@ def test_refused_before_submission_with_slurms_message(tiny, capsys, args, expec
     assert _queued(name) == ""  # nothing was queued
 
 
-def test_missing_sbatch_is_refused(tiny, capsys, monkeypatch, tmp_path):
+def test_missing_sbatch_is_refused(tiny_cfg, capsys, monkeypatch, tmp_path):
     monkeypatch.setenv("PATH", str(tmp_path))
-    assert main(["submit", "train", str(tiny["cfg"])]) == 2
+    assert main(["submit", "train", str(tiny_cfg["cfg"])]) == 2
     assert "`sbatch` not found" in capsys.readouterr().err
 
 
-def test_debug_mode_is_one_rank(tiny, capsys):
-    assert main(["submit", "train", str(tiny["cfg"]), "--debug", "--tasks-per-node", "2"]) == 2
+def test_debug_mode_is_one_rank(tiny_cfg, capsys):
+    assert main(["submit", "train", str(tiny_cfg["cfg"]), "--debug", "--tasks-per-node", "2"]) == 2
     assert "--debug runs in this process" in capsys.readouterr().err
 
 
-def test_dry_run_prints_the_script_and_submits_nothing(tiny, capsys):
+def test_dry_run_prints_the_script_and_submits_nothing(tiny_cfg, capsys):
     from hpc.launch.sbatch import SlurmResources, render_sbatch
 
-    assert main(["submit", "train", str(tiny["cfg"]), "--tasks-per-node", "2", "--time", "0:20:00",
+    assert main(["submit", "train", str(tiny_cfg["cfg"]), "--tasks-per-node", "2", "--time", "0:20:00",
                  "--name", "dryrun", "--signal-delay-s", "60", "--dry-run"]) == 0
     out = capsys.readouterr().out
-    folder = tiny["root"] / "runs" / "tiny" / "slurm-%j" / "submitit"
+    folder = tiny_cfg["root"] / "runs" / "tiny" / "slurm-%j" / "submitit"
     res = SlurmResources(tasks_per_node=2, time="0:20:00", name="dryrun", signal_delay_s=60)
     assert out == render_sbatch(res, folder, shlex.quote(sys.executable))
     assert _queued("dryrun") == ""
@@ -100,7 +106,7 @@ def _chatty(lines: int, sleep_s: float) -> int:
     return w.rank
 
 
-def test_jobs_logs_cancel(tiny, tmp_path, capsys):
+def test_jobs_logs_cancel(slurm_cluster, tmp_path, capsys):
     from hpc.launch.jobs import record, show_logs
     from hpc.launch.sbatch import SlurmResources
     from hpc.launch.submit import submit_function
@@ -134,6 +140,21 @@ def test_jobs_logs_cancel(tiny, tmp_path, capsys):
     assert short.results() == [0, 1]
 
 
+def _fails() -> None:
+    raise RuntimeError("stage failed on purpose")
+
+
+def test_a_failed_stage_cancels_its_dependents(slurm_cluster, tmp_path):
+    from hpc.launch.sbatch import SlurmResources
+    from hpc.launch.submit import submit_function
+
+    first = submit_function(_fails, (), SlurmResources(time="5", name="chain1", mpi=False), tmp_path / "%j")
+    second = submit_function(_chatty, (1, 0.0), SlurmResources(time="5", name="chain2", mpi=False,
+                             dependency=f"afterok:{first.job_id}"), tmp_path / "%j")
+    assert wait_final(first.job_id, 90) == "FAILED"
+    assert wait_final(second.job_id, 60) == "CANCELLED"  # --kill-on-invalid-dep: not left pending
+
+
 # ------------------------------------------------------------------------------- requeue limit
 def _times_out(max_requeues: int) -> dict:
     from hpc.dist.world import world_from_env
@@ -145,7 +166,7 @@ def _times_out(max_requeues: int) -> dict:
     return {"restart": w.slurm_restart_count}
 
 
-def test_timeouts_requeue_at_most_max_requeues(tiny, tmp_path):
+def test_timeouts_requeue_at_most_max_requeues(slurm_cluster, tmp_path):
     from hpc.launch.sbatch import SlurmResources
     from hpc.launch.slurm import job_fields
     from hpc.launch.submit import submit_function
@@ -160,9 +181,9 @@ def test_timeouts_requeue_at_most_max_requeues(tiny, tmp_path):
 
 
 # ------------------------------------------------------------------------------- sweep
-def test_sweep_is_one_array_with_a_summary(tiny, capsys):
+def test_sweep_is_one_array_with_a_summary(tiny_cfg, capsys):
     # Two ranks per member through torch.distributed (no --mpi=pmix): rendezvous from Slurm's variables.
-    rc = main(["submit", "sweep", str(tiny["cfg"]), "train.epochs=1", "dist.backend=torch", "--grid",
+    rc = main(["submit", "sweep", str(tiny_cfg["cfg"]), "train.epochs=1", "dist.backend=torch", "--grid",
                "optim.lr=0.2,0.05", "--tasks-per-node", "2", "--time", "10", "--max-parallel", "2", "--wait"])
     out = capsys.readouterr().out
     assert rc == 0, out
@@ -179,7 +200,7 @@ def test_sweep_is_one_array_with_a_summary(tiny, capsys):
         assert member["slurm"]["array_task_id"] == int(m["job_id"].split("_")[1])
     losses = [m["metrics"]["val.loss"] for m in summary["members"]]
     assert losses[0] != losses[1]  # different learning rates really ran
-    assert main(["sweep", "show", array_id, "--runs-root", str(tiny["root"] / "runs")]) == 0
+    assert main(["sweep", "show", array_id, "--runs-root", str(tiny_cfg["root"] / "runs")]) == 0
     table = capsys.readouterr().out
     assert "2/2 members completed" in table and "optim.lr" in table and "val.loss" in table
 

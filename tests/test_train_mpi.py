@@ -142,6 +142,12 @@ def test_exact_resume_and_fallback_past_a_corrupt_checkpoint(ws, straight):
     assert_bit_equal(params(run), params(straight))
 
 
+def test_resume_with_another_world_size_is_refused_on_every_rank(ws, straight):
+    r = train(ws, 1, "run_id=straight", "resume=auto", check=False)
+    assert r.returncode == 2, r.stderr[-3000:]
+    assert "written by 2 ranks; this job has 1: exact resume needs the same world size" in r.stderr
+
+
 def test_preempted_rank_checkpoints_all_and_resume_is_exact(ws, straight):
     run = ws / "runs" / "t" / "pre"
     r = train(ws, 2, "run_id=pre", "model.config.signal_at=12", check=False)

@@ -178,3 +178,45 @@ def test_cli_bad_config_exits_2_naming_the_key(tmp_path, extra):
     r = subprocess.run([sys.executable, "-m", "hpc", "train", "digits_softmax", "data.dir=nowhere", *extra],
                        capture_output=True, text=True, timeout=120, cwd=tmp_path)
     assert r.returncode == 2 and "no manifest" in r.stderr, r.stderr
+
+
+def test_nproc_may_come_anywhere_on_the_command_line():
+    from hpc.cli.train import split_nproc
+
+    assert split_nproc(["a=1", "--nproc", "2", "b=2"], None) == (["a=1", "b=2"], 2)
+    assert split_nproc(["--nproc=4"], 1) == ([], 4)
+    with pytest.raises(ValueError, match="--nproc 'x'"):
+        split_nproc(["--nproc", "x"], None)
+    with pytest.raises(ValueError, match="unknown option '--np'"):
+        split_nproc(["--np", "2"], None)
+
+
+# -- one process, end to end: run() -> summary, models, registry --------------------------------
+
+def test_run_in_process_writes_the_run_directory_contract_and_registers(tmp_path):
+    from hpc.data import SynthConfig, synth
+    from hpc.registry import Registry
+    from hpc.train import run
+
+    synth(SynthConfig(kind="tabular", samples=300, features=6, classes=3, seed=1), tmp_path / "d",
+          split="train=0.8,val=0.1,test=0.1")
+    cfg = {"name": "unit", "out_dir": str(tmp_path / "runs"), "data": {"dir": str(tmp_path / "d"), "batch_size": 20},
+           "model": {"family": "mlp", "config": {"widths": [8]}}, "optim": {"name": "adamw", "lr": 0.01},
+           "train": {"epochs": 3, "eval_every": 5, "patience": 50, "progress": False},
+           "registry": {"name": "unit-model", "alias": "staging", "root": str(tmp_path / "reg")}}
+    s = run(cfg, ["train.log_every=4"])
+    run_dir = tmp_path / "runs" / "unit" / s["run_dir"].rsplit("/", 1)[1]
+    assert s["state"] == "completed" and s["step"] == 36 and s["world_size"] == 1 and s["backend"] == "local"
+    for key in ("model", "data", "metrics", "samples_per_s", "wall_s", "versions", "code_version", "slurm"):
+        assert key in s, key
+    assert s["data"]["manifest_sha256"] and s["data"]["schema"]["num_classes"] == 3
+    assert {"loss", "accuracy", "samples"} <= set(s["metrics"]["val"]) and s["metrics"]["test"]["samples"] == 30
+    assert json.loads((run_dir / "summary.json").read_text())["registry"]["version"] == 1
+    for f in ("models/best.safetensors", "models/last.safetensors", "config.yaml", "logs/rank-0.log"):
+        assert (run_dir / f).is_file()
+    vals = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in vals if r["kind"] == "val"] == [5, 10, 15, 20, 25, 30, 35, 36]
+    assert Registry(tmp_path / "reg").resolve("unit-model@staging").version == 1
+    # The same run_id again without resume is refused (it would mix two runs' checkpoints).
+    with pytest.raises(ValueError, match="already has checkpoints; pass resume=auto"):
+        run(cfg, [f"run_id={run_dir.name}"])

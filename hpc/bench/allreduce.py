@@ -114,14 +114,13 @@ def run(args) -> int:
                           res["buckets"][f"{b:g}"], t[f"sync_{b:g}"], t["raw"] / t[f"sync_{b:g}"]])
     title = (f"allreduce: GradSync (bucket {DEFAULT_BUCKET_MB:g} MB) vs baselines, {args.mb:g} MB in "
              f"{args.tensors} float32 tensors, median of {args.repeats} (ms; ratio > 1: GradSync faster)")
+    result = {"config": {k: v for k, v in vars(args).items() if k not in ("func", "worker")},
+              "default_bucket_mb": DEFAULT_BUCKET_MB, "results": results}
     emit(title, ["ranks", "MB", "tensors", "raw_ms", "sync_ms", "per_tensor_ms", "horovod_ms",
-                 "sync_vs_raw", "sync_vs_per_tensor", "sync_vs_horovod"], rows,
-         {"config": vars(args) | {"func": None}, "default_bucket_mb": DEFAULT_BUCKET_MB, "results": results},
-         None)
+                 "sync_vs_raw", "sync_vs_per_tensor", "sync_vs_horovod"], rows, result, None)
     print()
     emit("bucket size sweep (GradSync.synchronize)", ["ranks", "bucket_mb", "buckets", "sync_ms", "sync_vs_raw"],
-         sweep, {"config": {k: v for k, v in vars(args).items() if k != "func"},
-                 "default_bucket_mb": DEFAULT_BUCKET_MB, "results": results}, args.json)
+         sweep, result, args.json)
     return 0
 
 

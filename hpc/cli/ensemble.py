@@ -84,22 +84,26 @@ def resolve_spec(name: str):
 
 
 def results_table(res) -> str:
+    """Every member, the mean and best member, and the ensemble, on each evaluated split."""
+    import numpy as np
+
     from hpc.bench._table import format_table
 
     splits = list(res.metrics)
+    if not splits:
+        return "(no val/test split to evaluate on)"
     metric = "accuracy" if res.task == "classification" else "rmse"
+    best = max if metric == "accuracy" else min
+    first = res.metrics[splits[0]]
     rows = []
-    names = list(res.metrics[splits[0]]["members"]) if splits else []
-    for i, ref in enumerate(names):
+    for i, ref in enumerate(first["members"]):
         w = f"{res.weights[i]:.3f}" if res.weights else ""
         rows.append([ref, w] + [res.metrics[s]["members"][ref][metric] for s in splits])
-    for lvl in (res.metrics[splits[0]].get("level0") or {}) if splits else {}:
+    for lvl in first.get("level0") or {}:
         rows.append([f"{lvl} (fold mean)", ""] + [res.metrics[s]["level0"][lvl][metric] for s in splits])
-    if splits and res.task == "classification" or splits:
-        import numpy as np
-
-        rows.append(["mean member", ""] + [float(np.mean([v[metric] for v in res.metrics[s]["members"].values()]))
-                                           for s in splits])
-        rows.append([f"ENSEMBLE {res.method} ({res.ensemble_ref or 'ensemble.json'})", ""]
-                    + [res.metrics[s]["ensemble"][metric] for s in splits])
+    values = {s: [v[metric] for v in res.metrics[s]["members"].values()] for s in splits}
+    rows.append(["mean member", ""] + [float(np.mean(values[s])) for s in splits])
+    rows.append(["best member", ""] + [best(values[s]) for s in splits])
+    rows.append([f"ENSEMBLE {res.method} ({res.ensemble_ref or 'ensemble.json'})", ""]
+                + [res.metrics[s]["ensemble"][metric] for s in splits])
     return format_table(["model", "weight"] + [f"{s} {metric}" for s in splits], rows)

@@ -18,6 +18,7 @@ gathered fields), whatever the data size.
 from __future__ import annotations
 
 import sys
+from collections import deque
 from typing import Iterator
 
 import numpy as np
@@ -34,23 +35,26 @@ class BufferPool:
 
     Fresh batch memory is page-faulted in by the first write, which on a busy VM costs more than
     the copy itself; a handed-out array stays referenced (through its torch tensor and any view)
-    until the caller drops the batch, and is only reused after that. Capped: past ``cap`` live
-    arrays per shape, new ones are simply allocated.
+    until the caller drops the batch, and is only reused after that. Arrays come back roughly in
+    the order they went out, so each shape's arrays sit in a FIFO and only the oldest few are
+    checked (O(1) per batch). Past ``cap`` arrays per shape, new ones are simply allocated.
     """
 
-    def __init__(self, cap: int = 16):
-        self.cap = cap
-        self.arrays: dict[tuple, list[np.ndarray]] = {}
+    def __init__(self, cap: int = 16, tries: int = 4):
+        self.cap, self.tries = cap, tries
+        self.arrays: dict[tuple, deque] = {}
 
     def get(self, shape: tuple, dtype) -> np.ndarray:
         key = (shape, np.dtype(dtype).str)
-        arrays = self.arrays.setdefault(key, [])
-        for a in arrays:
-            if sys.getrefcount(a) <= 3:  # the list, the loop variable, getrefcount's argument
+        fifo = self.arrays.setdefault(key, deque())
+        for _ in range(min(self.tries, len(fifo))):
+            a = fifo[0]
+            fifo.rotate(-1)  # the checked array goes to the back either way
+            if sys.getrefcount(a) <= 3:  # the deque, `a`, getrefcount's argument
                 return a
         a = np.empty(shape, dtype)
-        if len(arrays) < self.cap:
-            arrays.append(a)
+        if len(fifo) < self.cap:
+            fifo.append(a)
         return a
 
 
@@ -132,21 +136,14 @@ class BatchAssembler:
             self._scatter(files, k, seg, step, slot, valid)
 
     def _scatter(self, files: ShardFiles, k: str, seg: np.ndarray, step, slot, valid) -> None:
-        rb = self.row_bytes[k]
-        scratch = memoryview(self.scratch[k].reshape(-1).view(np.uint8))
-        views: dict[int, memoryview] = {}
+        scratch = self.scratch[k].reshape(-1)
+        # One iovec per row: a row view of its batch's array (iterating a 2-D array yields them
+        # in C), or the scratch row when the row is not wanted.
+        rows = {st: list(self._batch(st)[k].reshape(self.real_rows(st), -1))
+                for st in np.unique(step[valid]).tolist()}
+        iov = [rows[st][sl] if ok else scratch
+               for st, sl, ok in zip(step.tolist(), slot.tolist(), valid.tolist())]
         i = 0
         for s, a, b in seg.tolist():
-            iov = []
-            for j in range(i, i + b - a):
-                if valid[j]:
-                    st = int(step[j])
-                    mv = views.get(st)
-                    if mv is None:
-                        mv = views[st] = memoryview(self._batch(st)[k].reshape(-1).view(np.uint8))
-                    o = int(slot[j]) * rb
-                    iov.append(mv[o:o + rb])
-                else:
-                    iov.append(scratch)
-            files.read_rows_into(s, k, a, b, iov)
+            files.read_rows_into(s, k, a, b, iov[i:i + b - a])
             i += b - a

@@ -1,10 +1,10 @@
 """The streaming reader: per-rank, shuffled, prefetched, exactly resumable batches of torch tensors.
 
-What a rank reads in an epoch is the pure plan of ``hpc.data.shuffle`` (blocks = whole HDF5
-chunks, read as contiguous slices with ``read_direct``; never per-sample fancy indexing on h5py).
-One window of blocks (the bounded shuffle buffer, ``shuffle_buffer_mb``) is in memory at a time,
-plus at most ``prefetch`` finished batches queued by one background thread, which also applies
-normalization and augmentation. h5py handles are opened by that thread (never shared across fork).
+What a rank reads in an epoch is the pure plan of ``hpc.data.shuffle``; ``hpc.data.assemble``
+turns its windows (the bounded shuffle buffer, ``shuffle_buffer_mb``) into batches with whole-chunk
+reads (``hpc.data.shardio``: os.preadv for unfiltered data, HDF5 otherwise; never per-sample
+fancy indexing on h5py). Two background threads: one reads, one normalizes and augments; at most
+``prefetch`` finished batches wait. Handles are opened by the reading thread (never across fork).
 
 Position is (epoch, batches handed out): ``state_dict()`` after the consumer received batch k
 resumes at batch k+1 with exactly the batches (and augmentations) an uninterrupted reader yields.
@@ -136,8 +136,9 @@ class StreamingReader:
             self.augment.check(m.fields["x"].shape)
         self.weight_fn = weight_fn
         self.direct_io = bool(direct_io)  # False: every read through HDF5 (for comparison/debugging)
-        self.scatter = bool(direct_io)
-        self._pool = BufferPool(cap=2 * prefetch + 8)
+        self.scatter = bool(direct_io)  # big rows straight into their batch slots (tuning knob)
+        # Enough recycled batches for one window's batches plus those queued or in the caller's hands.
+        self._pool = BufferPool(cap=-(-self.window_samples // batch_size) + 2 * prefetch + 4)
         self._offsets = np.concatenate([[0], np.cumsum(m.sample_counts)]).astype(np.int64)
         self.epoch, self.position = 0, 0
 

@@ -80,9 +80,14 @@ class _Direct:
             return
         self.chunk_rows = ds.chunks[0]
         self.offsets = np.full(-(-self.rows // self.chunk_rows), -1, np.int64)
-        for i in range(ds.id.get_num_chunks()):
-            info = ds.id.get_chunk_info(i)
+        def note(info) -> None:
             self.offsets[info.chunk_offset[0] // self.chunk_rows] = info.byte_offset
+
+        if hasattr(ds.id, "chunk_iter"):  # one pass over the B-tree: ~5x faster than by index
+            ds.id.chunk_iter(note)
+        else:
+            for i in range(ds.id.get_num_chunks()):
+                note(ds.id.get_chunk_info(i))
 
     @staticmethod
     def usable(ds: h5py.Dataset) -> bool:

@@ -148,9 +148,15 @@ def csv_chunks(path: Path, label: str, task: str | None) -> tuple[Iterator[dict]
         for rb in reader:
             x = np.column_stack([rb.column(c).to_numpy(zero_copy_only=False).astype(np.float64)
                                  for c in feats]) if feats else np.zeros((rb.num_rows, 0))
-            y = rb.column(label).to_numpy(zero_copy_only=False)
-            if task == "classification" and np.asarray(y).dtype.kind not in "iu":
-                raise ValueError(f"{path}: label column {label!r} is not integer; pass --task regression")
+            y = np.asarray(rb.column(label).to_numpy(zero_copy_only=False))
+            if task == "classification" and y.dtype.kind not in "iu":
+                if y.dtype.kind != "f" or not pa.types.is_integer(ytype):
+                    raise ValueError(f"{path}: label column {label!r} is not integer; pass --task regression")
+                # An integer column with empty cells arrives as float with NaN: make those rows
+                # bad rows (dropped or rejected by --on-bad-rows like any NaN).
+                missing = np.isnan(y)
+                x[missing] = np.nan
+                y = np.where(missing, 0, y).astype(np.int64)
             yield {"x": x, "y": y}
 
     return gen(), task, fields

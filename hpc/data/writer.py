@@ -142,8 +142,8 @@ class ShardWriter:
         # Remove the manifest first: a crash after this point leaves no manifest, never a stale one.
         with contextlib.suppress(FileNotFoundError):
             mpath.unlink()
-        for f in old:
-            f.unlink()
+        for f in old + (sorted(self.dir.glob(".shard-*.tmp")) if self.dir.is_dir() else []):
+            f.unlink()  # with the old shards go temporaries a killed writer left behind
         self.dir.mkdir(parents=True, exist_ok=True)
 
     # -- writing ---------------------------------------------------------------------------

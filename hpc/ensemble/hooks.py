@@ -20,7 +20,7 @@ of the training split in manifest order; they cost 4 bytes per row of memory (mm
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Callable
+from typing import Callable
 
 import numpy as np
 

@@ -27,11 +27,11 @@ import torch
 
 from hpc.ensemble.boosting import residual_round_weight, residual_targets, samme_round
 from hpc.ensemble.combine import combine, fit_meta, stacking_features
+from hpc.ensemble.member import TARGET_FIELD, train_member, trainer_takes_hook
 from hpc.ensemble.spec import EnsembleSpec
 from hpc.ensemble.stacking import OOFTable, fold_of
 from hpc.util.io import atomic_write_bytes, atomic_write_json
 
-TARGET_FIELD = {"classification": "y", "regression": "y", "ratings": "rating"}
 
 
 @dataclass
@@ -59,79 +59,16 @@ def _hook(sample_weights: dict | None = None, targets_from: str | None = None) -
     return {"sample_weights": sample_weights, "targets_from": targets_from}
 
 
-def trainer_takes_hook() -> bool:
-    """Does this trainer read ``data.sample_weights`` / ``data.targets_from`` from its config?"""
-    import dataclasses
-
-    from hpc.train.config import DataConfig
-
-    return {"sample_weights", "targets_from"} <= {f.name for f in dataclasses.fields(DataConfig)}
-
-
-class _TargetsReader:
-    """The training reader with each batch's targets replaced by the row's override."""
-
-    def __init__(self, reader, fn, field: str):
-        self._reader, self._fn, self._field = reader, fn, field
-
-    def __getattr__(self, name):  # set_epoch, batches_per_epoch, state_dict, manifest, ...
-        return getattr(self._reader, name)
-
-    def __iter__(self):
-        from hpc.ensemble.hooks import apply_targets
-
-        for batch in self._reader:
-            yield apply_targets(batch, self._fn, self._field)
-
-
-def train_member(base: str, overrides: list[str], hook: dict, nproc: int = 1) -> dict | None:
-    """One member's training run: the base config, its overrides, and the row hook.
-
-    When the trainer's config has the hook keys, they go in as overrides (any number of ranks,
-    and ``hpc train`` alone can reproduce the member). Otherwise the hook is injected into the
-    in-process training reader through ``hpc.train.run(..., data=)``, on one process.
-    """
-    import json
-
-    from hpc.train import run
-
-    if trainer_takes_hook():
-        ov = overrides + [f"data.sample_weights={json.dumps(hook['sample_weights'])}",
-                          f"data.targets_from={json.dumps(hook['targets_from'])}"]
-        if nproc <= 1:
-            return run(base, ov)
-        from hpc.dist.launch import launch_local
-
-        rc = launch_local(nproc, ["train", base, *ov])
-        if rc != 0:
-            raise RuntimeError(f"member training on {nproc} ranks exited {rc}")
-        return None
-    if nproc > 1 and any(hook.values()):
-        raise ValueError(f"--nproc {nproc}: this trainer has no data.sample_weights/data.targets_from "
-                         "config keys, so weighted members can only train in-process; use --nproc 1")
-    from hpc.ensemble.hooks import targets_fn, weight_fn
-    from hpc.train.config import load_config
-    from hpc.train.trainer import load_data
-
-    cfg = load_config(base, overrides)
-    data = load_data(cfg, 0, 1)
-    n = data.train.manifest.total_samples
-    data.train.weight_fn = weight_fn(hook["sample_weights"], n)
-    if hook["targets_from"]:
-        data.train = _TargetsReader(data.train, targets_fn(hook["targets_from"], n),
-                                    TARGET_FIELD[data.train.manifest.task])
-        if "rating_mean" in data.schema:
-            # MF starts its global offset at the targets' mean: for residuals that is ~0, not the
-            # ratings' mean (a 3-star offset the short residual rounds would spend their steps on).
-            data.schema["rating_mean"] = float(np.load(hook["targets_from"], mmap_mode="r").mean())
-    return run(cfg, (), data)
-
-
 class Runner:
     def __init__(self, spec: EnsembleSpec, registry, nproc: int = 1, log: Callable[[str], None] = print):
         from hpc.train.config import load_config
 
         self.spec, self.registry, self.nproc, self.log = spec, registry, nproc, log
+        hooked = spec.method != "bagging" or spec.bagging.bootstrap
+        if nproc > 1 and hooked and not trainer_takes_hook():
+            raise ValueError(f"--nproc {nproc}: {spec.method} members need per-row weights/targets, which "
+                             "this trainer takes only in-process (no data.sample_weights/data.targets_from "
+                             "config keys yet); use --nproc 1, or bagging with bootstrap: false")
         self.base = spec.base_path()
         cfg = load_config(self.base, spec.overrides)  # validates the base config now
         self.data_dir = Path(cfg.data.dir)
@@ -251,7 +188,7 @@ class Runner:
         if have:
             ens = self.registry.card(f"{name}@{have[-1]}").get("ensemble") or {}
             if (ens.get("method"), ens.get("members"), ens.get("weights"), ens.get("groups")) == \
-                    (method, refs, res.weights, res.groups) and res.method != "stacking":
+                    (method, refs, res.weights, res.groups) and self._same_meta(f"{name}@{have[-1]}"):
                 res.ensemble_ref = f"{name}@{have[-1]}"
                 self.log(f"{name}: registered as {res.ensemble_ref} with these members; skipping")
                 return
@@ -263,6 +200,22 @@ class Runner:
         if self.spec.registry.alias:
             self.registry.promote(name, v, self.spec.registry.alias)
         self.log(f"{name}: registered ensemble {res.ensemble_ref} ({len(refs)} members, {method})")
+
+    def _same_meta(self, ref: str) -> bool:
+        """Does the registered entry hold this run's meta-model (tensor for tensor)?"""
+        meta = getattr(self, "_meta_model", None)
+        if meta is None:
+            return True
+        from safetensors.torch import load_file
+
+        from hpc.registry.store import META
+
+        path = self.registry.version_dir(self.registry.resolve(ref)) / META
+        if not path.is_file():
+            return False
+        old = load_file(str(path))
+        new = meta.state_dict()
+        return old.keys() == new.keys() and all(torch.equal(old[k], new[k]) for k in new)
 
     def _bagging(self) -> Result:
         p = self.spec.bagging

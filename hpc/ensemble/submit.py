@@ -20,7 +20,8 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Sequence
 
-from hpc.ensemble.runner import Runner, trainer_takes_hook
+from hpc.ensemble.member import trainer_takes_hook
+from hpc.ensemble.runner import Runner
 from hpc.ensemble.spec import load_spec
 
 

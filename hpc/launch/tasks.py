@@ -53,6 +53,10 @@ def train_task(config: str, overrides: Sequence[str], run_id: str | None = None,
         # so the client keeps waiting for the requeued run instead of reading this interim
         # summary; when not requeued, the job ends FAILED with this status, as it should.
         sys.exit(EXIT_PREEMPTED)
+    if isinstance(summary, dict) and summary.get("state") not in (None, "completed"):
+        # A failed run must fail its Slurm job, or an afterok chain would go on with it.
+        raise RuntimeError(f"training ended {summary.get('state')}: {summary.get('reason')} "
+                           f"(run directory {summary.get('run_dir')})")
     return summary
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import Literal
 
 import torch
 from torch import nn
@@ -27,6 +28,9 @@ class CNNConfig:
     batch_norm: bool = True
     head_width: int = 64
     dropout: float = 0.0
+    # How the feature maps reach the head: flatten (keeps position), or a global avg/max pool
+    # (translation invariant, fewer head parameters: better when the object can be anywhere).
+    pool: Literal["flatten", "avg", "max"] = "flatten"
 
     def check(self, where: str) -> None:
         require(len(self.channels) > 0 and all(c > 0 for c in self.channels), f"{where}.channels",
@@ -64,6 +68,9 @@ class CNN(nn.Module):
             if min(h, w) >= 2:
                 layers.append(nn.MaxPool2d(2))
                 h, w = h // 2, w // 2
+        if cfg.pool != "flatten":
+            layers.append(nn.AdaptiveAvgPool2d(1) if cfg.pool == "avg" else nn.AdaptiveMaxPool2d(1))
+            h = w = 1
         self.features = nn.Sequential(*layers)
         d = c * h * w
         head: list[nn.Module] = []

@@ -349,27 +349,25 @@ def check_dirs(cfg: DoctorConfig) -> list[Row]:
     return rows
 
 
-def kernel_cache_dir(env: dict | None = None) -> tuple[Path, str]:
-    """Where the CuPy kernels compile to, resolved as kernels/_runtime.py does (without creating it)."""
-    env = os.environ if env is None else env
-    for var in ("HPC_KERNEL_CACHE_DIR", "HPC_KERNEL_CACHE", "CUPY_CACHE_DIR"):
-        if env.get(var):
-            return Path(env[var]), var
-    from hpc.util.versions import user
-    return Path(env.get("TMPDIR") or "/tmp") / user() / "cupy-kernel-cache", "default ${TMPDIR:-/tmp}/<user>"
-
-
 def check_kernel_cache(cfg: DoctorConfig) -> list[Row]:
-    path, source = kernel_cache_dir()
-    err = probe_write(path)
+    # The kernels' own resolution (HPC_KERNEL_CACHE_DIR, CUPY_CACHE_DIR, else a node-local default),
+    # so the doctor checks the directory CuPy will really use.
+    from kernels._runtime import CACHE_ENV, cache_dir
+
+    source = next((v for v in (CACHE_ENV, "CUPY_CACHE_DIR") if os.environ.get(v)), "the default")
+    advice = f"export {CACHE_ENV}=/tmp/$USER/cupy-kernel-cache (or a node-local SSD)"
+    try:
+        path = cache_dir()
+    except ValueError as e:
+        return [Row("kernel cache", "fail", str(e), advice)]
+    err = probe_write(path)  # os.access says yes to root even where a write fails
     if err:
-        return [Row("kernel cache", "fail", f"{path} (from {source}): not writable: {err}",
-                    "export HPC_KERNEL_CACHE_DIR=/tmp/$USER/cupy-kernel-cache (or a node-local SSD)")]
+        return [Row("kernel cache", "fail", f"{path} (from {source}): not writable: {err}", advice)]
     fstype, mnt = fs_type(path)
     if fstype in SHARED_FS:
         return [Row("kernel cache", "warn", f"{path} (from {source}) is on {fstype} ({mnt}), shared by nodes",
                     "use a node-local directory: ranks on many nodes compiling into one shared cache race and "
-                    "stall on metadata; export HPC_KERNEL_CACHE_DIR=/tmp/$USER/cupy-kernel-cache")]
+                    f"stall on metadata; {advice}")]
     return [Row("kernel cache", "ok", f"{path} (from {source}) writable, node-local ({fstype})")]
 
 

@@ -229,7 +229,9 @@ class Checkpoints:
         if choice is None:
             return None
         if "error" in choice:
-            raise ValueError(choice["error"])
+            from hpc.train.config import AllRanksError
+
+            raise AllRanksError(choice["error"])
         return Path(choice["path"])
 
     def load(self, path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:

@@ -21,6 +21,11 @@ from hpc.models._typed import from_dict, require, to_dict
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 
 
+class AllRanksError(ValueError):
+    """A user error every rank raises together (decided on rank 0 and broadcast): the ranks exit 2
+    together instead of aborting the job."""
+
+
 @dataclass
 class DataConfig:
     dir: str = ""                      # holds train/ val/ test/ split directories

@@ -45,7 +45,7 @@ class PreemptFlag:
         self._previous.clear()
 
 
-def requeue(world) -> str:
+def requeue(world, checkpoint_s: float | None = None) -> str:
     """Ask Slurm to requeue this job (rank 0 only); returns what happened, for the log line."""
     if not world.under_slurm:
         return "not under Slurm: not requeued (rerun with resume=auto to continue)"
@@ -54,7 +54,9 @@ def requeue(world) -> str:
     except ImportError:
         return "hpc.launch.requeue is not available: not requeued (resubmit with resume=auto)"
     try:
-        requeue_current_job(world)
+        done = requeue_current_job(world, checkpoint_s=checkpoint_s)
     except Exception as e:  # a failed requeue must not lose the checkpoint we just wrote
         return f"requeue of Slurm job {world.slurm_job_id} failed: {e}"
+    if not done:
+        return f"Slurm job {world.slurm_job_id} not requeued (see the hpc.launch line above)"
     return f"requeued Slurm job {world.slurm_job_id}"

@@ -6,7 +6,7 @@ import logging
 import sys
 import traceback
 
-from hpc.train.config import TrainConfig, load_config
+from hpc.train.config import AllRanksError, TrainConfig, load_config
 
 log = logging.getLogger("hpc.train")
 
@@ -27,7 +27,7 @@ def run(config, overrides=(), data=None) -> dict:
         trainer = Trainer(cfg, comm, data)
         return trainer.fit()
     except BaseException as e:
-        if comm.size > 1 and not isinstance(e, SystemExit):
+        if comm.size > 1 and not isinstance(e, (SystemExit, AllRanksError)):
             # The other ranks are (or soon will be) blocked in a collective: abort the whole job,
             # naming this rank, rather than leaving them to hang until the walltime.
             msg = (f"hpc train: rank {comm.rank}/{comm.size} on {world.hostname} failed: "

@@ -23,7 +23,7 @@ from hpc.models import ops
 from hpc.models.registry import build_model, task_of
 from hpc.train import preempt
 from hpc.train.checkpoint import Checkpoints, load_model, save_model
-from hpc.train.config import TrainConfig, dump_yaml
+from hpc.train.config import AllRanksError, TrainConfig, dump_yaml
 from hpc.train.metrics import MetricSums, higher_is_better
 from hpc.train.optim import build_optimizer, lr_at, set_lr
 from hpc.train.rundir import MetricsLog, resolve_run_dir, setup_logging
@@ -87,8 +87,17 @@ class Trainer:
         self.cfg, self.comm = cfg, comm
         self.rank, self.world = comm.rank, comm.size
         self.t_start = time.time()
-        run_dir, explicit = resolve_run_dir(cfg, comm.world) if self.rank == 0 else (None, None)
-        run_dir, explicit = comm.broadcast_object((str(run_dir), explicit and str(explicit)))
+        where = None
+        if self.rank == 0:
+            try:
+                run_dir, explicit = resolve_run_dir(cfg, comm.world)
+                where = (str(run_dir), explicit and str(explicit))
+            except ValueError as e:
+                where = str(e)
+        where = comm.broadcast_object(where)
+        if isinstance(where, str):
+            raise AllRanksError(where)
+        run_dir, explicit = where
         self.run_dir = Path(run_dir)
         self.explicit_ckpt = Path(explicit) if explicit else None
         self._handlers = setup_logging(self.rank, self.run_dir)
@@ -126,8 +135,9 @@ class Trainer:
         self.evals_since_best = 0
         self.nonfinite_run = 0
         self.last_saved: tuple | None = None
+        self._last_ckpt_s: float | None = None
         self.timers = {"data": 0.0, "comm": 0.0, "step": 0.0, "samples": 0}
-        self.flag = preempt.PreemptFlag().install()
+        self.flag = preempt.PreemptFlag()  # installed by fit()
         self._resume()
         self._broadcast_params(comm, self.model)
         self._broadcast_opt(comm, self.opt)
@@ -174,7 +184,8 @@ class Trainer:
         path = self.ckpt.save(self.step, self.model, self.opt, shared, {"reader": self.data.train.state_dict()})
         self.last_saved = self._position()
         self._last_ckpt_time = time.time()
-        log.info("checkpoint %s written in %.2fs", path.name, time.perf_counter() - t0)
+        self._last_ckpt_s = time.perf_counter() - t0
+        log.info("checkpoint %s written in %.2fs", path.name, self._last_ckpt_s)
 
     # -- one optimizer step -----------------------------------------------------------------------
     def _autocast(self):
@@ -288,6 +299,7 @@ class Trainer:
     # -- the loop ---------------------------------------------------------------------------------
     def fit(self) -> dict:
         cfg, tc = self.cfg, self.cfg.train
+        self.flag.install()
         reader, ga = self.data.train, tc.grad_accum
         per_epoch = reader.batches_per_epoch
         bar = _progress(self.rank == 0 and tc.progress, self.total_steps, self.step)
@@ -395,7 +407,7 @@ class Trainer:
                          else self.step, " ".join(f"{k}={v:.4f}" for k, v in metrics["test"].items()))
                 self.metrics_log.write(kind="test", step=self.step, **metrics["test"])
         elif state == "preempted":
-            what = preempt.requeue(self.comm.world) if self.rank == 0 else ""
+            what = preempt.requeue(self.comm.world, self._last_ckpt_s) if self.rank == 0 else ""
             log.warning("preempted by %s at step %d: checkpoint written; %s", self._signal_name(), self.step,
                         what or "rank 0 handles the requeue")
         w = self.comm.world
@@ -437,12 +449,10 @@ class Trainer:
 
 
 def _register(cfg: TrainConfig, run_dir: Path) -> dict:
-    import os
-
-    from hpc.registry import Registry  # lazily: the registry is optional for training
+    from hpc.registry import Registry, default_root  # lazily: training does not need the registry
 
     r = cfg.registry
-    reg = Registry(r.root or os.environ.get("HPC_REGISTRY") or "registry")
+    reg = Registry(r.root or default_root())
     version = reg.add(run_dir, r.name, source=r.source)
     if r.alias:
         reg.promote(r.name, version, r.alias)

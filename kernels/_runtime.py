@@ -21,12 +21,12 @@ import torch
 
 CACHE_ENV = "HPC_KERNEL_CACHE_DIR"
 _HERE = Path(__file__).resolve().parent
-_lock = threading.Lock()
+_lock = threading.RLock()  # function() holds it while cupy() may take it again
 _cupy = None
 _modules: dict = {}
 _functions: dict = {}
 _streams: dict = {}
-_sm_count: dict = {}
+_device_info: dict = {}
 
 # torch dtype -> (CUDA C++ storage type, accumulation torch dtype, numpy scalar type of the accumulator)
 CTYPES = {
@@ -131,7 +131,7 @@ def function(source: str, ctype: str, exprs, expr: str):
         if mod is None:
             cp = cupy()
             code = (_HERE / "common.cuh").read_text() + "\n" + (_HERE / source).read_text()
-            # No -std option: NVRTC's default (C++17 since CUDA 11) suffices, and CuPy adds its own.
+            # No -std option: the code needs only C++11, below NVRTC's default, and CuPy may add its own.
             mod = cp.RawModule(code=code, options=_include_opts(), name_expressions=exprs)
             _modules[mkey] = mod
         with cupy().cuda.Device(dev):
@@ -200,13 +200,13 @@ def smem_optin() -> int:
     """Dynamic shared memory a block may opt in to on this device (bytes; 227 KB on Hopper)."""
     dev = torch.cuda.current_device()
     key = ("smem", dev)
-    n = _sm_count.get(key)
+    n = _device_info.get(key)
     if n is None:
         try:
             n = int(cupy().cuda.runtime.getDeviceProperties(dev)["sharedMemPerBlockOptin"])
         except Exception:  # older CuPy without the field: the limit every device has
             n = 48 * 1024
-        _sm_count[key] = n
+        _device_info[key] = n
     return n
 
 
@@ -218,10 +218,10 @@ def allow_smem(fn, nbytes: int) -> None:
 
 def sm_count() -> int:
     dev = torch.cuda.current_device()
-    n = _sm_count.get(dev)
+    n = _device_info.get(dev)
     if n is None:
         n = torch.cuda.get_device_properties(dev).multi_processor_count
-        _sm_count[dev] = n
+        _device_info[dev] = n
     return n
 
 
@@ -233,7 +233,7 @@ def grid_1d(work: int, threads: int = 256, waves: int = 8) -> int:
 def row_plan(n: int, max_npt: int) -> tuple[int, int]:
     """(values per thread NPT, threads) for one block (<= 512 threads) per row of length n with the row
     in registers, NPT <= max_npt (a power of two; more spills registers, see MAX_NPT); NPT = 0 means
-    the row is too long for registers: use the streaming kernel, with 512 threads."""
+    the row is too long for registers: use a shared-memory or streaming kernel, with 512 threads."""
     npt = 1
     while npt <= max_npt:
         threads = -(-n // npt)
@@ -246,7 +246,7 @@ def row_plan(n: int, max_npt: int) -> tuple[int, int]:
 ROW_NPTS = (1, 2, 4, 8, 16, 32, 64)
 # Largest NPT per (kernel, accumulator is double) that ptxas fits in the 128 registers a 512-thread
 # block allows without spilling (nvcc 13.0 -arch=sm_90 -Xptxas -v; tests/test_kernels_gpu.py
-# rechecks it): beyond it, rows stream through L2 instead.
+# rechecks it): longer rows go to the shared-memory or streaming kernels.
 MAX_NPT = {("ce_fwd_reg", False): 32, ("ce_fwd_reg", True): 32,
            ("ln_fwd_reg", False): 32, ("ln_fwd_reg", True): 32,
            ("ln_bwd_reg", False): 16, ("ln_bwd_reg", True): 8}

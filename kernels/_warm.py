@@ -12,6 +12,8 @@ from __future__ import annotations
 import sys
 import time
 
+import torch
+
 import kernels
 from kernels import _runtime as rt
 
@@ -27,6 +29,10 @@ def main(argv: list[str]) -> int:
         for src, ct, _ in kernels.catalog():
             print(src, ct)
         return 0
+    why = rt.cupy_missing() if torch.cuda.is_available() else "no CUDA device (torch.cuda.is_available() is False)"
+    if why:
+        print(f"kernels._warm: cannot compile here: {why}", file=sys.stderr)
+        return 2
     if argv == ["--report"]:
         bad = 0
         for src, ct, exprs in kernels.catalog():

@@ -18,6 +18,14 @@ if [ -f "$REPO/.slurm-dev/env.sh" ]; then
   source "$REPO/.slurm-dev/env.sh"
 fi
 
+# The report test renders a page in headless Chromium (Debian's package).
+if [ "$(id -u)" = 0 ] && ! command -v chromium >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1; then
+  log "installing chromium (for the report test)"
+  { [ -n "$(ls -A /var/lib/apt/lists 2>/dev/null | grep -v lock)" ] || apt-get update -qq; } >/dev/null 2>&1 || true
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null 2>&1 \
+    || log "could not install chromium: the report's browser check will skip (and fail under CI=true)"
+fi
+
 log "running the test suite"
 set +e
 python -m pytest -q "$@"

@@ -29,6 +29,8 @@ def worker(scenario: str) -> None:
             raise ValueError("boom on purpose")
         if what == "kill":
             os.kill(os.getpid(), signal.SIGKILL)
+        if what == "exit":  # e.g. a CLI returning 2 on one rank only
+            sys.exit(2)
         time.sleep(120)  # stuck
     else:
         import torch
@@ -63,6 +65,13 @@ def test_killed_rank_ends_the_job():
     took, out = run(2, "mpi-kill")
     assert took < QUICK_S, (took, out[-3000:])
     assert re.search(r"rank 1 .*(signal 9|Killed)", out, re.S), out[-3000:]
+
+
+@pytest.mark.mpi
+def test_early_exit_without_close_aborts_the_job():
+    took, out = run(2, "mpi-exit")  # the comm's timeout is 120 s: this must not wait for it
+    assert took < QUICK_S, (took, out[-3000:])
+    assert re.search(r"hpc: rank 1/2 .*exiting without comm.close", out), out[-3000:]
 
 
 @pytest.mark.mpi

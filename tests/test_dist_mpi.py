@@ -14,7 +14,9 @@ HERE = os.path.abspath(__file__)
 
 
 @pytest.mark.mpi
-@pytest.mark.parametrize("backend, n", [("mpi", 2), ("mpi", 4), ("torch", 2), ("torch", 4)])
+@pytest.mark.parametrize("backend, n", [
+    ("mpi", 2), pytest.param("mpi", 4, marks=pytest.mark.slow),
+    ("torch", 2), pytest.param("torch", 4, marks=pytest.mark.slow)])
 def test_collectives_and_gradsync(backend, n):
     from conftest import run_mpi
 

@@ -198,7 +198,7 @@ def worker(out_dir: str) -> None:
     from hpc.dist.world import world_from_env
     from hpc.train import run
     from hpc.train.memdata import MemoryReader
-    from hpc.train.trainer import Data
+    from hpc.train.inputs import Data
 
     w = world_from_env()
     g = torch.Generator().manual_seed(0)

@@ -137,7 +137,7 @@ def _worker(args) -> int:
     from hpc.dist.world import world_from_env
     from hpc.train import run as train
     from hpc.train.memdata import MemoryReader
-    from hpc.train.trainer import Data
+    from hpc.train.inputs import Data
     from hpc.util.io import atomic_write_json
 
     logging.getLogger("hpc.train").setLevel(logging.WARNING)

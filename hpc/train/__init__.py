@@ -11,7 +11,7 @@ def run(config, overrides=(), data=None) -> dict:
     """Train one run on this rank; returns the run summary (``summary.json``'s content).
 
     ``config``: a YAML path, a shipped config name, a dict or a ``TrainConfig``; ``overrides``:
-    dotted ``key=value`` strings. ``data``: an optional ``hpc.train.trainer.Data`` (tests and
+    dotted ``key=value`` strings. ``data``: an optional ``hpc.train.inputs.Data`` (tests and
     benchmarks inject in-memory readers). A rank that raises while others run calls the
     communicator's abort, so the job ends non-zero everywhere instead of hanging.
     """

@@ -10,7 +10,6 @@ and checkpoints happen at step boundaries, which every rank reaches in the same 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import logging
 import random
 import time
@@ -24,6 +23,7 @@ from hpc.models.registry import build_model, task_of
 from hpc.train import preempt
 from hpc.train.checkpoint import Checkpoints, load_model, save_model
 from hpc.train.config import AllRanksError, TrainConfig, dump_yaml
+from hpc.train.inputs import TARGET, Data, load_data
 from hpc.train.metrics import MetricSums, higher_is_better
 from hpc.train.optim import build_optimizer, lr_at, set_lr
 from hpc.train.rundir import MetricsLog, resolve_run_dir, setup_logging
@@ -31,55 +31,10 @@ from hpc.util.io import atomic_write_json, atomic_write_text
 from hpc.util.versions import code_version, versions
 
 log = logging.getLogger("hpc.train")
-TARGET = {"classification": "y", "regression": "y", "ratings": "rating"}
 
 
 class NonFiniteError(RuntimeError):
     pass
-
-
-@dataclasses.dataclass
-class Data:
-    """What the trainer needs from the data layer (``load_data``) or from a test/benchmark."""
-    schema: dict
-    train: object                      # reader: set_epoch, __iter__, batches_per_epoch, state_dict
-    val: object | None = None
-    test: object | None = None
-    info: dict = dataclasses.field(default_factory=dict)   # summary["data"]
-
-
-def load_data(cfg: TrainConfig, rank: int, world_size: int) -> Data:
-    from hpc.data import StreamingReader, load_manifest
-
-    d = cfg.data
-    root = Path(d.dir)
-    if d.batch_size % world_size:
-        raise ValueError(f"data.batch_size={d.batch_size} (the global batch) is not divisible by the "
-                         f"{world_size} ranks; choose a multiple of {world_size}")
-    manifest = load_manifest(root / "train")
-    schema = manifest.schema()
-    mean = (manifest.stats.get("rating") or {}).get("mean")
-    if mean is not None:
-        schema["rating_mean"] = float(np.mean(mean))
-    per_rank = d.batch_size // world_size
-    eval_per_rank = max(1, (d.eval_batch_size or d.batch_size) // world_size)
-    common = dict(rank=rank, world_size=world_size, seed=cfg.seed, normalize=d.normalize,
-                  prefetch=d.prefetch, shuffle_buffer_mb=d.shuffle_buffer_mb)
-    train = StreamingReader(root / "train", batch_size=per_rank, shuffle=d.shuffle,
-                            remainder=d.remainder, augment=d.augment, **common)
-    if train.batches_per_epoch < cfg.train.grad_accum:
-        raise ValueError(f"{root / 'train'}: {manifest.total_samples} samples give {train.batches_per_epoch} "
-                         f"batches of {d.batch_size} per epoch, fewer than train.grad_accum="
-                         f"{cfg.train.grad_accum}; lower data.batch_size")
-    splits = {}
-    for split in ("val", "test"):
-        if (root / split / "manifest.json").is_file():
-            splits[split] = StreamingReader(root / split, batch_size=eval_per_rank, shuffle=False,
-                                            remainder="pad", **common)
-    info = {"dir": str(root.resolve()), "manifest_sha256": manifest.sha256, "schema": schema,
-            "stats": manifest.stats, "samples": {"train": manifest.total_samples,
-                                                 **{k: r.manifest.total_samples for k, r in splits.items()}}}
-    return Data(schema, train, splits.get("val"), splits.get("test"), info)
 
 
 class Trainer:

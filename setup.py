@@ -13,7 +13,7 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=find_packages(include=["hpc", "hpc.*", "kernels", "kernels.*"]),
-    package_data={"kernels": ["*.cu"], "hpc": ["configs/*.yaml", "launch/templates/*"]},
+    package_data={"kernels": ["*.cu", "*.cuh", "*.h"], "hpc": ["configs/*.yaml", "launch/templates/*"]},
     include_package_data=True,
     install_requires=[
         "numpy>=1.24",

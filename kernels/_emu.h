@@ -62,6 +62,8 @@ inline void release_if_complete(Barrier& b, int live) {
     if (b.arrived > 0 && b.arrived >= live) { b.arrived = 0; b.gen++; }
 }
 
+inline int deadlocked = 0;  // a barrier some live thread never reached: reported to Python after the launch
+
 inline void wait(Barrier& b, const int& live) {
     const long gen = b.gen;
     b.arrived++;
@@ -69,7 +71,8 @@ inline void wait(Barrier& b, const int& live) {
     long spins = 0;
     while (b.gen == gen) {
         yield();
-        if (++spins > 100000000L) { std::fprintf(stderr, "emu: barrier deadlock\n"); std::abort(); }
+        // A correct kernel releases every barrier within a scheduler round or two.
+        if (++spins > 100000L) { deadlocked = 1; return; }
     }
 }
 

@@ -58,6 +58,7 @@ def _plan(source: str) -> tuple[str, Path, list[str]]:
         f'extern "C" void run_{i}(unsigned gx, unsigned gy, unsigned gz, unsigned bx, unsigned by, unsigned bz, '
         f"unsigned smem, void** a) {{ emu::launch(&{e}, gx, gy, gz, bx, by, bz, smem, a); }}"
         for i, e in enumerate(exprs))
+    runners += '\nextern "C" int emu_deadlocked() { int d = emu::deadlocked; emu::deadlocked = 0; return d; }\n'
     code = "\n".join([(_HERE / "_emu.h").read_text(), (_HERE / "common.cuh").read_text(),
                       (_HERE / source).read_text(), runners])
     key = hashlib.sha256(code.encode()).hexdigest()[:16]
@@ -114,3 +115,5 @@ def launch(fn, grid, block, args, shared_mem: int = 0) -> None:
     g = tuple(grid) + (1,) * (3 - len(grid))
     b = tuple(block) + (1,) * (3 - len(block))
     getattr(lib, f"run_{index[expr]}")(*(ctypes.c_uint(v) for v in g + b + (shared_mem,)), argv)
+    if lib.emu_deadlocked():
+        raise AssertionError(f"{expr}: a barrier was never reached by every live thread (grid {g}, block {b})")

@@ -47,7 +47,7 @@ pid_of() {  # pid_of NAME -> prints the pid of our running daemon NAME, or nothi
   [ -n "$pid" ] && [ -r "/proc/$pid/cmdline" ] || return 0
   cmd="$(tr '\0' ' ' < "/proc/$pid/cmdline")"
   case "$cmd" in
-    *"$name"*"$STATE"*) echo "$pid" ;;
+    *"$name"*"$STATE/"*) echo "$pid" ;;
   esac
 }
 
@@ -218,7 +218,7 @@ wait_idle() {
     state="$(node_state || true)"
     case "$state" in
       idle|mixed|allocated|completing) log "node $NODE is $state (partition $PARTITION)"; return 0 ;;
-      down|drained|draining|drain|fail|failing)
+      down*|drain*|fail*)
         # A node left down by an unclean stop (ReturnToService cannot clear every reason).
         if [ "$resumed" = 0 ]; then
           SLURM_CONF="$CONF" scontrol update nodename="$NODE" state=resume >/dev/null 2>&1 || true

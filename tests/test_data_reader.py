@@ -79,8 +79,8 @@ def test_exact_resume_at_any_batch(images, prefetch):
         b = small(images, **kw)
         b.load_state_dict(state)
         b.set_epoch(0)  # the trainer's loop calls this; it keeps the resumed position
-        rest = collect(b) if k < n else []
-        assert same_batches(rest, full[k:]), k
+        assert same_batches(collect(b), full[k:]), k
+        assert b.state_dict()["epoch"] == 1 and b.state_dict()["batch"] == 0
     # The next epoch is a different order, and reproducible.
     c = small(images, **kw)
     collect(c)
@@ -109,6 +109,11 @@ def test_world_size_change_refused_mid_epoch_allowed_at_boundary(split):
     it.close()
     with pytest.raises(ValueError, match="world_size saved 2 now 4"):
         small(split, world_size=4).load_state_dict(state)
+    done = dict(state, batch=state["batches_per_epoch"])  # saved after the last batch of epoch 0
+    c = small(split, world_size=4)
+    c.load_state_dict(done)
+    c.set_epoch(0)
+    assert collect(c) == [] and (c.epoch, c.position) == (1, 0)
     state_boundary = dict(state, batch=0, epoch=3)
     b = small(split, world_size=4)
     b.load_state_dict(state_boundary)

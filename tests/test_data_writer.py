@@ -117,6 +117,10 @@ def test_npz_bad_rows_drop_and_error(tmp_path):
     keep = np.ones(20, bool)
     keep[[3, 7]] = False
     assert np.array_equal(d["x"], x[keep].astype(np.float32)) and np.array_equal(d["y"], y[keep])
+    np.save(tmp_path / "feats.npy", x)
+    np.save(tmp_path / "y.npy", y)
+    m2 = shard_source(str(tmp_path / "feats.npy"), tmp_path / "npy", split="all=1", seed=0, config=WriterConfig())
+    assert m2["all"].total_samples == 18 and read_all(tmp_path / "npy" / "all")["x"].tobytes() == d["x"].tobytes()
     with pytest.raises(ValueError, match=r"2 row\(s\) with NaN/Inf \(source rows \[3, 7\]"):
         shard_source(str(tmp_path / "d.npz"), tmp_path / "err", split="all=1", seed=0,
                      config=WriterConfig(on_bad_rows="error"))

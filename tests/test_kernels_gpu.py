@@ -623,3 +623,32 @@ def test_kernels_accept_empty_inputs(monkeypatch, backend, dtype):
     e = kernels.embedding(torch.empty(0, 2, dtype=torch.int64, device=dev), w)
     e.sum().backward()
     assert e.shape == (0, 2, 3) and torch.equal(w.grad, torch.zeros_like(w))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("shape", [(5, 33), (9, 1000), (3, 20000)])
+def test_gpu_float16_kernels(gpu, shape):
+    """fp16 storage (fp32 arithmetic) against the float64 references, at fp16's ~2e-3."""
+    dt = torch.float16
+    x = _randn(shape, dt, seed=30, scale=2.0).to(gpu).requires_grad_()
+    b = _randn(shape[-1:], dt, seed=31).to(gpu).requires_grad_()
+    xr, br = x.detach().cpu().double().requires_grad_(), b.detach().cpu().double().requires_grad_()
+    y = kernels.layer_norm(kernels.bias_act(x, b, "gelu"), b, b, 1e-5)
+    yr = ref_layer_norm(ref_bias_act(xr, br, "gelu"), br, br, 1e-5)
+    close(y.detach().cpu(), yr, dt, scale=8.0)
+    t = _targets(shape[0], shape[1], seed=32, ignore_index=-100, ignore_frac=0.3).to(gpu)
+    loss = kernels.softmax_cross_entropy(y, t, -100, 0.1, "mean")
+    lossr = ref_cross_entropy(yr, t.cpu(), -100, 0.1, "mean")
+    close(loss.detach().cpu(), lossr, dt, scale=8.0)
+    loss.backward()
+    lossr.backward()
+    close(x.grad.cpu(), xr.grad, dt, scale=8.0)
+    close(b.grad.cpu(), br.grad, dt, scale=8.0 * math.sqrt(shape[0]))
+    w = _randn((50, 64), dt, seed=33).to(gpu)
+    idx = torch.randint(0, 50, (300,), device=gpu)
+    g = _randn((300, 64), dt, seed=34).to(gpu)
+    from kernels import embedding_op as K
+
+    ref = ref_embedding_grad(idx.cpu(), g.cpu(), 50)
+    for det in (True, False):
+        close(K.backward(g, idx, 50, 64, det).cpu(), ref, dt, scale=8.0 * math.sqrt(20))

@@ -14,7 +14,8 @@ import torch
 from hpc.models import ops
 
 # (rtol, atol) per dtype: the error bounds docs/kernels.md states.
-TOL = {torch.float32: (1e-5, 1e-5), torch.bfloat16: (1e-2, 1e-2), torch.float64: (1e-10, 1e-12)}
+TOL = {torch.float32: (1e-5, 1e-5), torch.bfloat16: (1e-2, 1e-2), torch.float16: (2e-3, 2e-3),
+       torch.float64: (1e-10, 1e-12)}
 SHAPES_2D = [(1, 1), (1, 7), (3, 1), (5, 33), (17, 257), (64, 1000)]
 
 
@@ -372,6 +373,11 @@ def test_set_kernels_modes(monkeypatch):
     monkeypatch.setattr(ops, "_mode", None)
     monkeypatch.setenv("HPC_KERNELS", "torch")
     assert ops.get_kernels() == "torch"
+    monkeypatch.setattr(ops, "_mode", None)
+    monkeypatch.setenv("HPC_KERNELS", "fastest")
+    with pytest.raises(ValueError, match="HPC_KERNELS='fastest'.*auto, cupy, torch"):
+        ops.get_kernels()
+    monkeypatch.setenv("HPC_KERNELS", "auto")
 
 
 def test_auto_on_cpu_tensors_uses_torch_path(monkeypatch):

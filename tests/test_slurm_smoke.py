@@ -68,8 +68,10 @@ def test_srun_pmix_mpi4py_allreduce(slurm_cluster):
 
 
 def test_dev_cluster_status_and_idempotent_up(slurm_cluster):
-    script = os.path.join(os.path.dirname(__file__), "..", "slurm", "dev-cluster.sh")
-    if not os.path.exists(os.path.join(os.path.dirname(script), "..", ".slurm-dev", "run", "slurmd.pid")):
+    repo = os.path.join(os.path.dirname(__file__), "..")
+    script = os.path.join(repo, "slurm", "dev-cluster.sh")
+    state = os.environ.get("HPC_SLURM_DEV_DIR") or os.path.join(repo, ".slurm-dev")
+    if not os.path.exists(os.path.join(state, "run", "slurmd.pid")):
         pytest.skip("an existing cluster is in use, not the dev cluster")
     up = subprocess.run(["bash", script, "up"], capture_output=True, text=True, timeout=120)
     assert up.returncode == 0, up.stderr

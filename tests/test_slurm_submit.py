@@ -72,6 +72,19 @@ def test_refused_before_submission_with_slurms_message(tiny_cfg, capsys, args, e
     assert _queued(name) == ""  # nothing was queued
 
 
+def test_infer_refused_before_submission(tiny, capsys):
+    base = ["submit", "infer", "--input", str(tiny["test"]), "--output", str(tiny["root"] / "never"),
+            "--infer-arg=--registry", f"--infer-arg={tiny['registry']}", "--name", "refuseinfer"]
+    assert main([*base, "--model", "nosuch@production"]) == 2
+    assert "nosuch" in capsys.readouterr().err
+    assert main([*base, "--model", "tiny@production", "--infer-arg=--format=xml"]) == 2
+    assert "--format" in capsys.readouterr().err
+    assert main(["submit", "infer", "--model", "tiny@production", "--input", str(tiny["root"]),
+                 "--output", "x", "--infer-arg=--registry", f"--infer-arg={tiny['registry']}"]) == 2
+    assert "no manifest.json" in capsys.readouterr().err
+    assert _queued("refuseinfer") == ""
+
+
 def test_missing_sbatch_is_refused(tiny_cfg, capsys, monkeypatch, tmp_path):
     monkeypatch.setenv("PATH", str(tmp_path))
     assert main(["submit", "train", str(tiny_cfg["cfg"])]) == 2

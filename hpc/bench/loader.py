@@ -2,7 +2,8 @@
 
 Measured in one run on the same shards (after one untimed warm-up pass, so all three read from the
 same page-cache state): (a) raw sequential ``read_direct`` of whole shard datasets, the limit;
-(b) ``StreamingReader`` (rank 0 of 1, shuffled, prefetch thread, no normalization/augmentation);
+(b) ``StreamingReader`` (rank 0 of 1, shuffled, prefetch threads, no normalization/augmentation),
+and the same with ``direct_io=False`` (every read through HDF5) for reference;
 (c) a map-style torch Dataset reading one sample per ``__getitem__`` through h5py, under a
 DataLoader (handles opened per worker). Then, in child processes, peak RSS while streaming a
 synthetic image data set of each ``--rss-gb`` size (generated chunk by chunk, then deleted).
@@ -65,10 +66,10 @@ def _raw(m, bufs: dict) -> tuple[int, int, float]:
     return n, nbytes, time.perf_counter() - t0
 
 
-def _reader(split: Path, batch_size: int) -> tuple[int, float]:
+def _reader(split: Path, batch_size: int, direct_io: bool = True) -> tuple[int, float]:
     from hpc.data import StreamingReader
 
-    r = StreamingReader(split, 0, 1, batch_size, seed=0, normalize=False, remainder="pad")
+    r = StreamingReader(split, 0, 1, batch_size, seed=0, normalize=False, remainder="pad", direct_io=direct_io)
     t0, n = time.perf_counter(), 0
     for b in r:
         n += int(b["weight"].count_nonzero())
@@ -161,28 +162,32 @@ def run(args) -> int:
     _raw(m, bufs)  # warm-up: same page-cache state for all three
     # Interleaved repeats, best of each: on a shared machine a neighbour's burst hits one pass,
     # not one side of the ratio.
-    t_raw = t_rd = float("inf")
+    t_raw = t_rd = t_h5 = float("inf")
     for _ in range(args.repeat):
         n_raw, bytes_raw, t = _raw(m, bufs)
         t_raw = min(t_raw, t)
         n_rd, t = _reader(split, args.batch_size)
         t_rd = min(t_rd, t)
+        n_h5, t = _reader(split, args.batch_size, direct_io=False)
+        t_h5 = min(t_h5, t)
     del bufs
     n_nv, t_nv = _naive(m, args.batch_size, args.naive_samples, args.naive_workers)
-    rate = {"raw": n_raw / t_raw, "reader": n_rd / t_rd, "naive": n_nv / t_nv}
+    rate = {"raw": n_raw / t_raw, "reader": n_rd / t_rd, "reader_hdf5_io": n_h5 / t_h5, "naive": n_nv / t_nv}
     result = {
         "data": str(split), "samples": m.total_samples, "bytes_per_sample": per_sample, "shards": len(m.shards),
         "data_mb": m.total_samples * per_sample / 1e6, "batch_size": args.batch_size,
         "raw": {"samples": n_raw, "seconds": t_raw, "samples_per_s": rate["raw"], "mb_per_s": bytes_raw / t_raw / 1e6},
         "reader": {"samples": n_rd, "seconds": t_rd, "samples_per_s": rate["reader"],
                    "mb_per_s": n_rd * per_sample / t_rd / 1e6},
+        "reader_hdf5_io": {"samples": n_h5, "seconds": t_h5, "samples_per_s": rate["reader_hdf5_io"],
+                           "mb_per_s": n_h5 * per_sample / t_h5 / 1e6},
         "naive": {"samples": n_nv, "seconds": t_nv, "samples_per_s": rate["naive"],
                   "mb_per_s": n_nv * per_sample / t_nv / 1e6, "workers": args.naive_workers},
         "reader_vs_raw": rate["reader"] / rate["raw"], "reader_vs_naive": rate["reader"] / rate["naive"],
         "cpus": os.cpu_count(), "repeat": args.repeat, "load_average": os.getloadavg(),
     }
     rows = [[k, result[k]["samples"], result[k]["seconds"], result[k]["samples_per_s"], result[k]["mb_per_s"],
-             rate[k] / rate["raw"]] for k in ("raw", "reader", "naive")]
+             rate[k] / rate["raw"]] for k in ("raw", "reader", "reader_hdf5_io", "naive")]
     emit(f"loader: {split} ({m.total_samples} samples, {result['data_mb']:.0f} MB, {len(m.shards)} shards, "
          f"batch {args.batch_size}); reader/raw = {result['reader_vs_raw']:.2f}, "
          f"reader/naive = {result['reader_vs_naive']:.1f}",

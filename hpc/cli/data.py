@@ -21,9 +21,10 @@ def register(sub) -> None:
 
     s = dsub.add_parser("shard", help="shard .npz / .csv / sklearn:NAME data into checksummed HDF5 shards")
     s.add_argument("--from", dest="source", required=True,
-                   help="PATH.npz (arrays --x and --label), PATH.csv (label column --label) or "
-                        "sklearn:digits|breast_cancer|wine|iris")
-    s.add_argument("--label", default=None, help="label array (npz, default y) or column (csv, default label)")
+                   help="PATH.npz (arrays --x and --label), PATH.npy (features; labels in <label>.npy "
+                        "beside it), PATH.csv (label column --label) or sklearn:digits|breast_cancer|wine|iris")
+    s.add_argument("--label", default=None,
+                   help="label array (npz/npy, default y) or column (csv, default label)")
     s.add_argument("--x", dest="x_key", default="x", help="feature array name in a .npz (default x)")
     s.add_argument("--task", default=None, help="classification | regression (default: from the label dtype)")
     _writer_args(s)

@@ -60,7 +60,7 @@ def _add(args) -> int:
         v = reg.add_ensemble(args.name, [r for r in args.ensemble.split(",") if r], args.combine)
     else:
         v = reg.add(args.run_dir, args.name, source=args.source)
-    print(f"registered {args.name}@{v} in {reg.root}")
+    print(f"{reg.root}: registered {args.name}@{v}, version {v}")  # the last word is the version
     return 0
 
 

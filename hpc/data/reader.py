@@ -158,7 +158,8 @@ class StreamingReader:
 
     def state_dict(self) -> dict:
         return {"version": STATE_VERSION, "epoch": self.epoch, "batch": self.position,
-                "manifest_sha256": self.manifest.sha256, **self._config()}
+                "batches_per_epoch": self.batches_per_epoch, "manifest_sha256": self.manifest.sha256,
+                **self._config()}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         if state.get("manifest_sha256") != self.manifest.sha256:
@@ -166,6 +167,9 @@ class StreamingReader:
                              f"(manifest sha256 {state.get('manifest_sha256')}, this one is "
                              f"{self.manifest.sha256})")
         epoch, batch = int(state["epoch"]), int(state["batch"])
+        if batch > 0 and batch == state.get("batches_per_epoch"):  # the epoch was complete
+            self.epoch, self.position = epoch, self.batches_per_epoch
+            return
         if batch > 0:
             diff = {k: (state.get(k), v) for k, v in self._config().items() if state.get(k) != v}
             if diff:
@@ -175,9 +179,9 @@ class StreamingReader:
                                                                        for k, (a, b) in diff.items())))
         if not 0 <= batch <= self.batches_per_epoch:
             raise ValueError(f"reader state batch {batch} outside 0..{self.batches_per_epoch}")
+        # A state saved after the last batch stays (epoch, batches_per_epoch): set_epoch(epoch) then
+        # keeps it, iterating yields nothing and rolls over, so the epoch is never repeated.
         self.epoch, self.position = epoch, batch
-        if batch == self.batches_per_epoch:
-            self.epoch, self.position = epoch + 1, 0
 
     # -- iteration -----------------------------------------------------------------------------
     def plan(self, epoch: int) -> RankPlan:

@@ -104,9 +104,16 @@ def _slices(arrays: Mapping[str, np.ndarray], rows: int = READ_ROWS) -> Iterator
 
 
 def arrays_from_npz(path: Path, x_key: str, y_key: str) -> dict[str, np.ndarray]:
-    if path.suffix == ".npy":
-        raise ValueError(f"{path}: a .npy file holds one array; pass a .npz with '{x_key}' and "
-                         f"'{y_key}' arrays (np.savez(path, {x_key}=X, {y_key}=Y))")
+    if path.suffix == ".npy":  # the features; the labels are the sibling file <label>.npy
+        ypath = path.with_name(f"{y_key}.npy")
+        if not ypath.exists():
+            raise ValueError(f"{path}: a .npy holds one array; the labels must be in {ypath} (--label "
+                             f"names it) or pass a .npz with '{x_key}' and '{y_key}' arrays")
+        # Memory-mapped: sharding a .npy bigger than memory reads it slice by slice.
+        x, y = np.load(path, mmap_mode="r", allow_pickle=False), np.load(ypath, mmap_mode="r", allow_pickle=False)
+        if len(x) != len(y):
+            raise ValueError(f"{path} has {len(x)} rows but {ypath} has {len(y)}")
+        return {"x": x, "y": y}
     data = np.load(path, mmap_mode="r", allow_pickle=False)
     keys = list(data.keys())
     for k in (x_key, y_key):

@@ -156,7 +156,10 @@ class ShardWriter:
                                  f"({n}, {', '.join(map(str, spec.shape))})")
         start_row = self.rows_seen
         self.rows_seen += n
-        bad = bad_row_mask(batch)
+        cast = {k: v.astype(self.fields[k].dtype, copy=False) for k, v in batch.items()}
+        # NaN/Inf in the source, or made by the cast (a float64 beyond float32's range becomes Inf).
+        bad = bad_row_mask(batch) | bad_row_mask(cast)
+        batch = cast
         if bad.any():
             if self.cfg.on_bad_rows == "error":
                 rows = (np.flatnonzero(bad)[:5] + start_row).tolist()
@@ -165,7 +168,6 @@ class ShardWriter:
             self.dropped += int(bad.sum())
             batch = {k: v[~bad] for k, v in batch.items()}
             n = int((~bad).sum())
-        batch = {k: v.astype(self.fields[k].dtype, copy=False) for k, v in batch.items()}
         self.accounts.update(batch)
         pos = 0
         while pos < n:

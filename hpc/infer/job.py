@@ -145,13 +145,22 @@ def job_identity(cfg: InferConfig, model_rec: dict, manifest) -> dict:
 
 def run(cfg: InferConfig, comm=None, log: Callable[[str], None] = print) -> dict:
     """Run the job on this rank; returns the summary (rank 0's includes the manifest)."""
-    from hpc.data.manifest import load_manifest
-    from hpc.data.partition import assign_shards
-    from hpc.data.reader import check_shards
     from hpc.dist import init_comm
 
     start = time.time()
+    own_comm = comm is None
     comm = comm or init_comm("auto")
+    summary = _run(cfg, comm, log, start)
+    if own_comm:  # on success only: after an exception the comm's hook must still abort the others
+        comm.close()
+    return summary
+
+
+def _run(cfg: InferConfig, comm, log: Callable[[str], None], start: float) -> dict:
+    from hpc.data.manifest import load_manifest
+    from hpc.data.partition import assign_shards
+    from hpc.data.reader import check_shards
+
     world = comm.world
     device = _device(cfg, world.local_rank)
     scorer, model_rec = load_scorer(cfg, str(device))

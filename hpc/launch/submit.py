@@ -205,6 +205,7 @@ def submit_infer(infer_args: Sequence[str], res: SlurmResources, out_dir: str, m
     """``hpc infer INFER_ARGS`` as a job; logs go to ``OUT_DIR/submitit-%j``."""
     from hpc.launch.tasks import cli_task
 
+    _validate_infer(infer_args)
     res.check()
     if res.name == "hpc":
         res.name = "infer"
@@ -216,6 +217,26 @@ def submit_infer(infer_args: Sequence[str], res: SlurmResources, out_dir: str, m
         check_with_slurm(render_sbatch(res, folder, _python()))
     [job] = run_jobs(make_executor(mode, folder, res), mode, [(cli_task, (["infer", *infer_args],))])
     return Submitted("infer", mode, [job], [Path(out_dir).resolve()], ["infer"])
+
+
+def _validate_infer(infer_args: Sequence[str]) -> None:
+    """What `hpc infer` would refuse, refused now: its own argument checks, the model
+    references (resolved in the registry) and the input split."""
+    from hpc.cli import build_parser
+    from hpc.cli.infer import config_from_args
+    from hpc.registry import Registry
+
+    try:
+        args = build_parser().parse_args(["infer", *infer_args])
+    except SystemExit:  # argparse printed what is wrong; nothing may be queued
+        raise ValueError("the `hpc infer` arguments above are invalid (see `hpc infer --help`)") from None
+    cfg = config_from_args(args)
+    reg = Registry(cfg.registry)
+    for ref in cfg.refs:
+        reg.resolve(ref)
+    if not (Path(cfg.input) / "manifest.json").is_file():
+        raise ValueError(f"--input {cfg.input}: no manifest.json there; give a split directory written by "
+                         "`hpc data` (e.g. data/digits/test)")
 
 
 def submit_function(fn: Callable, args: Sequence[Any], res: SlurmResources, folder: Path,

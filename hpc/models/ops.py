@@ -64,7 +64,11 @@ def get_kernels() -> str:
     """The selected mode: 'auto', 'cupy' or 'torch'."""
     global _mode
     if _mode is None:
-        set_kernels(os.environ.get("HPC_KERNELS", "auto"))
+        env = os.environ.get("HPC_KERNELS", "auto")
+        try:
+            set_kernels(env)
+        except ValueError as e:
+            raise ValueError(f"environment variable HPC_KERNELS={env!r}: {e}") from None
     return _mode  # type: ignore[return-value]
 
 

@@ -18,7 +18,7 @@ def collectives(comm, backend: str) -> None:
     """Per-rank checks; a failing one raises, which aborts the job (mpi) or exits non-zero (torch)."""
     r, n = comm.rank, comm.size
     tri = n * (n + 1) // 2  # sum of (rank + 1) over ranks
-    assert comm.backend == backend and n == int(os.environ["OMPI_COMM_WORLD_SIZE"])
+    assert comm.backend == backend and n == int(os.environ.get("OMPI_COMM_WORLD_SIZE") or os.environ["SLURM_NTASKS"])
 
     t = torch.arange(6, dtype=torch.float64) * (r + 1)
     ptr = t.data_ptr()
@@ -143,3 +143,12 @@ def test_launch_local_without_mpiexec(monkeypatch, tmp_path):
 def test_launch_local_runs_n_ranks(capfd):
     assert launch_local(3, ["version", "--json"]) == 0  # 3 ranks on 2 cores: needs --oversubscribe
     assert capfd.readouterr().out.count('"torch"') == 3
+
+
+def test_importing_hpc_dist_is_cheap():
+    # world/launch are used by light commands (doctor, sbatch rendering): no torch, no MPI
+    code = ("import sys, hpc.dist, hpc.dist.launch, hpc.dist.world\n"
+            "from hpc.dist import World, launch_local, expand_nodelist\n"
+            "print(sorted(m for m in ('torch', 'mpi4py.MPI') if m in sys.modules))\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.stdout.strip() == "[]", out

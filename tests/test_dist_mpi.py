@@ -25,13 +25,16 @@ def test_collectives_and_gradsync(backend, n):
         [f"OK rank {i}/{n}: collectives gradsync" for i in range(n)], proc.stdout
 
 
-def main(backend: str) -> None:
+def main(arg: str) -> None:
+    """ARG: a backend, or ``auto=EXPECTED`` (init_comm("auto") must pick EXPECTED)."""
     from test_dist_comm import collectives  # tests/ is sys.path[0] when run as a script
     from test_dist_gradsync import gradsync
 
     from hpc.dist import init_comm
 
-    comm = init_comm(backend, timeout_s=120)
+    asked, _, backend = arg.partition("=")
+    backend = backend or asked
+    comm = init_comm(asked, timeout_s=120)
     collectives(comm, backend)
     gradsync(comm, backend)
     comm.close()

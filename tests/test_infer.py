@@ -108,7 +108,8 @@ def test_unpromoted_refused_and_output_owned_by_job(world, tmp_path, capsys):
     assert main(base + ["--model", "clf@2", "--allow-unpromoted"]) == 0
     assert main(base + ["--model", "clf@production"]) == 2  # another model: refused, named
     err = capsys.readouterr().err
-    assert "written by another job" in err and "--overwrite" in err and "models clf@2 (there) vs clf@1 (this job)" in err
+    assert "written by another job" in err and "--overwrite" in err
+    assert "models clf@2 (there) vs clf@1 (this job)" in err
     assert main(base + ["--model", "clf@production", "--batch-size", "7"]) == 2  # other settings too
     assert set(read_parts(out)["model_version"]) == {2}
     assert main(base + ["--model", "clf@production", "--overwrite"]) == 0

@@ -94,7 +94,7 @@ class _Direct:
         dt = ds.dtype
         native = dt.byteorder in ("=", "|") or dt.byteorder == ("<" if np.little_endian else ">")
         whole_rows = ds.chunks is None or tuple(ds.chunks[1:]) == tuple(ds.shape[1:])
-        return (native and whole_rows and not dt.hasobject and dt.kind in "biuf"
+        return (hasattr(os, "preadv") and native and whole_rows and not dt.hasobject and dt.kind in "biuf"
                 and ds.compression is None and not ds.shuffle and not ds.fletcher32 and ds.scaleoffset is None)
 
     def read_iov(self, fd: int, a: int, b: int, iov: list) -> bool:

@@ -52,6 +52,10 @@ def preflight(cfg: TrainConfig, world_size: int) -> None:
     from hpc.data import load_manifest
     from hpc.models.registry import build_model, task_of
 
+    import torch
+
+    if cfg.train.precision == "fp16" and not torch.cuda.is_available():
+        raise ValueError("train.precision=fp16 needs a CUDA GPU; use bf16 or fp32 on CPU")
     if cfg.data.batch_size % world_size:
         raise ValueError(f"data.batch_size={cfg.data.batch_size} (the global batch) is not divisible by "
                          f"{world_size} ranks; use a multiple of {world_size}")

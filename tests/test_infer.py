@@ -124,6 +124,9 @@ def test_rerun_skips_valid_partitions_and_redoes_damaged_ones(world, tmp_path):
     first = job(world, out)
     before = part_bytes(out)
     assert job(world, out)["state"] == "complete"
+    (out / "_SUCCESS").unlink()  # killed between _MANIFEST.json and _SUCCESS: nothing is rescored
+    again = job(world, out)
+    assert again["ranks"][0]["written"] == 0 and (out / "_SUCCESS").exists() and part_bytes(out) == before
     (out / "part-00002.parquet").unlink()
     p4 = out / "part-00004.parquet"
     p4.write_bytes(p4.read_bytes()[:-10] + b"0123456789")  # same size, wrong bytes

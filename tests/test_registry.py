@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import pickle
 import subprocess
 import sys
@@ -112,11 +113,18 @@ def test_concurrent_registrations_get_distinct_complete_versions(reg, run_dir, t
 
 def test_version_collision_retries_with_next_number(reg, run_dir, monkeypatch):
     assert reg.add(run_dir, "clf") == 1
+    crashed = [reg.root / "clf" / ".staged-1-1", reg.root / "clf" / "..staged-2-2.abc.tmp"]
+    for d in crashed:  # left by registrations that crashed a day ago
+        d.mkdir()
+        os.utime(d, (time.time() - 2 * 86400,) * 2)
+    fresh = reg.root / "clf" / ".staged-3-3"
+    fresh.mkdir()  # a registration in progress right now: left alone
     # Simulate the race deterministically: this writer believes no version exists yet.
     monkeypatch.setattr(Registry, "versions", lambda self, name: [])
     assert reg.add(run_dir, "clf") == 2
     monkeypatch.undo()
     assert reg.versions("clf") == [1, 2]
+    assert not any(d.exists() for d in crashed) and fresh.exists()
     reg.verify("clf@2")
 
 

@@ -1,0 +1,365 @@
+"""The model registry: versioned, checksummed safetensors artifacts in a directory tree.
+
+Layout (a directory on the shared filesystem; ``./registry`` unless ``HPC_REGISTRY`` or an
+explicit root says otherwise)::
+
+    ROOT/NAME/<version>/model.safetensors   weights (never pickle)
+                        model.json          the model card (family, config, schema, stats, lineage)
+                        SHA256SUMS          `sha256sum -c` format, over every other file
+    ROOT/NAME/aliases/<alias>.json          {"version": v, ...}; replaced atomically
+    ROOT/NAME/aliases.log                   one JSON line per promotion (append-only)
+
+A version directory is built complete under a hidden staging name and renamed onto
+``NAME/<v>``; rename of a directory onto an existing non-empty one fails, so two concurrent
+registrations cannot both take ``v``: the loser retries with ``v+1`` (no lock file needed, and no
+reader ever sees a half-written version). A version's number is its directory name, so it is not
+stored in model.json (it is only known after the rename); ``card["version"]`` is filled in on read.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import re
+import shutil
+import socket
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from hpc.util.io import atomic_dir, atomic_write_json, fsync_dir, read_json, sha256_bytes, sha256_file
+from hpc.util.versions import code_version, user, versions
+
+CARD = "model.json"
+WEIGHTS = "model.safetensors"
+META = "meta.safetensors"  # a stacking ensemble's meta-model
+SUMS = "SHA256SUMS"
+CARD_FORMAT = 1
+SOURCES = ("best", "last")
+_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
+_ALIAS_RE = re.compile(r"[A-Za-z][A-Za-z0-9._-]{0,63}")
+# A version that lost the rename race this many times in a row means something else is wrong.
+_MAX_RENAME_TRIES = 1000
+
+
+class IntegrityError(ValueError):
+    """An artifact on disk does not match its checksums (a user-visible refusal, exit 2)."""
+
+
+def default_root() -> Path:
+    return Path(os.environ.get("HPC_REGISTRY") or "registry")
+
+
+@dataclass(frozen=True)
+class Ref:
+    name: str
+    version: int
+
+
+def parse_ref(ref: str) -> tuple[str, str | None]:
+    """``"NAME@ALIAS"``, ``"NAME@3"`` or ``"NAME"`` -> (name, selector or None). Pure."""
+    name, _, sel = ref.strip().partition("@")
+    if not _NAME_RE.fullmatch(name):
+        raise ValueError(f"model reference {ref!r}: name {name!r} must match {_NAME_RE.pattern} "
+                         "(use NAME@ALIAS or NAME@VERSION)")
+    if _ and not sel:
+        raise ValueError(f"model reference {ref!r}: nothing after '@' (use NAME@ALIAS or NAME@VERSION)")
+    return name, (sel or None)
+
+
+def parse_sums(text: str, where: str) -> dict[str, str]:
+    """Parse `sha256sum` output (``HEX  FILE`` per line) into {file: hex}. Pure."""
+    out: dict[str, str] = {}
+    for i, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        m = re.fullmatch(r"([0-9a-f]{64}) [ *](.+)", line)
+        if not m or "/" in m.group(2) or m.group(2) in (".", ".."):
+            raise IntegrityError(f"{where}: line {i} is not 'SHA256  FILE': {line[:80]!r}")
+        out[m.group(2)] = m.group(1)
+    return out
+
+
+def format_sums(sums: dict[str, str]) -> str:
+    return "".join(f"{h}  {f}\n" for f, h in sorted(sums.items()))
+
+
+def verify_dir(vdir: Path) -> list[str]:
+    """Every problem of one version directory, each naming its file (empty list: intact).
+
+    Symlinks are refused outright (a link could point the checksum at one file and the loader at
+    another); any file not listed in SHA256SUMS is an 'extra file' (a planted pickle is refused
+    here before anything reads it).
+    """
+    if vdir.is_symlink():
+        return [f"{vdir}: is a symlink (refused)"]
+    sums_path = vdir / SUMS
+    if sums_path.is_symlink():
+        return [f"{sums_path}: is a symlink (refused)"]
+    if not sums_path.is_file():
+        return [f"{sums_path}: missing"]
+    listed = parse_sums(sums_path.read_text(encoding="utf-8", errors="replace"), str(sums_path))
+    problems = []
+    present = set()
+    for entry in sorted(os.scandir(vdir), key=lambda e: e.name):
+        if entry.name == SUMS:
+            continue
+        present.add(entry.name)
+        if entry.is_symlink():
+            problems.append(f"{vdir / entry.name}: is a symlink (refused)")
+        elif not entry.is_file():
+            problems.append(f"{vdir / entry.name}: extra entry (not a regular file, not in {SUMS})")
+        elif entry.name not in listed:
+            problems.append(f"{vdir / entry.name}: extra file (not in {SUMS})")
+        elif sha256_file(entry.path) != listed[entry.name]:
+            problems.append(f"{vdir / entry.name}: changed (sha256 does not match {SUMS})")
+    for name in sorted(set(listed) - present):
+        problems.append(f"{vdir / name}: missing (listed in {SUMS})")
+    return problems
+
+
+# A staging directory older than this was left by a registration that crashed (a live one renames
+# its staging directory within the time it takes to copy the weights).
+STALE_STAGING_S = 24 * 3600
+
+
+def _remove_stale_staging(ndir: Path) -> None:
+    now = time.time()
+    for p in ndir.glob(".*staged-*"):  # also atomic_dir's own temporary "..staged-*.tmp"
+        try:
+            if now - p.stat().st_mtime > STALE_STAGING_S:
+                shutil.rmtree(p, ignore_errors=True)
+        except FileNotFoundError:
+            continue
+
+
+class Registry:
+    """A registry rooted at ``root`` (default: ``$HPC_REGISTRY`` or ``./registry``)."""
+
+    def __init__(self, root: str | os.PathLike | None = None):
+        self.root = Path(root) if root is not None else default_root()
+
+    # ---------------------------------------------------------------- paths and lookups
+    def _name_dir(self, name: str) -> Path:
+        if not _NAME_RE.fullmatch(name):
+            raise ValueError(f"model name {name!r} must match {_NAME_RE.pattern}")
+        return self.root / name
+
+    def names(self) -> list[str]:
+        if not self.root.is_dir():
+            return []
+        return sorted(p.name for p in self.root.iterdir() if p.is_dir() and _NAME_RE.fullmatch(p.name)
+                      and not p.name.startswith("."))
+
+    def versions(self, name: str) -> list[int]:
+        d = self._name_dir(name)
+        if not d.is_dir():
+            return []
+        return sorted(int(p.name) for p in d.iterdir() if p.name.isdigit() and p.is_dir())
+
+    def aliases(self, name: str) -> dict[str, int]:
+        d = self._name_dir(name) / "aliases"
+        if not d.is_dir():
+            return {}
+        out = {}
+        for p in sorted(d.glob("*.json")):
+            out[p.stem] = int(read_json(p)["version"])
+        return out
+
+    def version_dir(self, ref: Ref) -> Path:
+        return self._name_dir(ref.name) / str(ref.version)
+
+    def resolve(self, ref: str) -> Ref:
+        """``NAME@ALIAS`` / ``NAME@VERSION`` / ``NAME`` (the latest version) -> a concrete Ref."""
+        name, sel = parse_ref(ref)
+        have = self.versions(name)
+        if not have:
+            known = ", ".join(self.names()) or "none"
+            raise ValueError(f"{self.root}: no model named {name!r} (registered: {known})")
+        if sel is None:
+            return Ref(name, have[-1])
+        if sel.isdigit():
+            if int(sel) not in have:
+                raise ValueError(f"{name}@{sel}: no such version in {self.root} (versions: "
+                                 f"{', '.join(map(str, have))})")
+            return Ref(name, int(sel))
+        aliases = self.aliases(name)
+        if sel not in aliases:
+            raise ValueError(f"{name}@{sel}: no such alias (aliases: "
+                             f"{', '.join(f'{a}->{v}' for a, v in aliases.items()) or 'none'}; "
+                             f"versions: {', '.join(map(str, have))})")
+        return Ref(name, aliases[sel])
+
+    def is_promoted(self, ref: Ref) -> bool:
+        return ref.version in self.aliases(ref.name).values()
+
+    # ---------------------------------------------------------------- reading
+    def verify(self, ref: str | Ref) -> Ref:
+        """Recompute every checksum of a version (and of an ensemble's members); raise on any problem."""
+        r = self.resolve(ref) if isinstance(ref, str) else ref
+        problems = verify_dir(self.version_dir(r))
+        if problems:
+            raise IntegrityError(f"{r.name}@{r.version} failed verification: " + "; ".join(problems))
+        return r
+
+    def card(self, ref: str | Ref, verified: bool = True) -> dict:
+        """The model card (model.json) of a version, with ``name`` and ``version`` filled in."""
+        r = self.verify(ref) if verified else (self.resolve(ref) if isinstance(ref, str) else ref)
+        from hpc.registry.card import read_verified
+
+        vdir = self.version_dir(r)
+        data = read_verified(vdir, CARD) if verified else (vdir / CARD).read_bytes()
+        try:
+            card = json.loads(data)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{vdir / CARD}: not valid JSON ({e})") from None
+        card["name"], card["version"] = r.name, r.version
+        card["aliases"] = sorted(a for a, v in self.aliases(r.name).items() if v == r.version)
+        card["sha256"] = sha256_bytes(data)
+        return card
+
+    def list(self, name: str | None = None) -> list[dict]:
+        """One row per version (of ``name``, or of every model): version, aliases, metrics, time."""
+        rows = []
+        for n in [name] if name else self.names():
+            aliases = self.aliases(n)
+            for v in self.versions(n):
+                try:
+                    card = read_json(self.version_dir(Ref(n, v)) / CARD)
+                except ValueError:
+                    card = {}
+                rows.append({"name": n, "version": v, "kind": card.get("kind", "?"),
+                             "family": (card.get("model") or {}).get("family", ""),
+                             "aliases": sorted(a for a, av in aliases.items() if av == v),
+                             "metrics": card.get("metrics") or {},
+                             "time": (card.get("registered") or {}).get("time", "")})
+        return rows
+
+    # ---------------------------------------------------------------- writing
+    def add(self, run_dir: str | os.PathLike, name: str, source: str = "best") -> int:
+        """Register ``run_dir/models/<source>.safetensors`` with its card; return the new version."""
+        from hpc.registry.card import card_from_run
+
+        if source not in SOURCES:
+            raise ValueError(f"source {source!r} is not one of {', '.join(SOURCES)}")
+        self._name_dir(name)
+        card, weights = card_from_run(Path(run_dir), source)
+        return self._publish(name, card, {WEIGHTS: weights})
+
+    def add_ensemble(self, name: str, members: list[str], method: str = "mean",
+                     weights: list[float] | None = None, groups: list[list[int]] | None = None,
+                     meta: Any = None, metrics: dict | None = None, lineage: dict | None = None) -> int:
+        """Register an ensemble of member references, pinned to their current verified versions.
+
+        ``method``: mean | vote | weighted | stacking (``hpc.ensemble.combine``); ``meta`` is the
+        stacking meta-model (``hpc.ensemble.combine.MetaModel``), stored as meta.safetensors.
+        """
+        from safetensors.torch import save as save_safetensors
+
+        from hpc.registry.card import ensemble_card
+
+        self._name_dir(name)
+        cards = [self.card(m) for m in members]
+        files: dict[str, Path | bytes] = {}
+        meta_config = None
+        if meta is not None:
+            meta_config = meta.config()
+            files[META] = save_safetensors({k: v.detach().cpu().contiguous()
+                                            for k, v in meta.state_dict().items()})
+        card = ensemble_card(cards, method, weights, groups, meta_config, metrics, lineage)
+        return self._publish(name, card, files)
+
+    def _publish(self, name: str, card: dict, files: dict[str, Path | bytes]) -> int:
+        card = dict(card, registered={
+            "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "user": user(), "host": socket.gethostname(),
+            "slurm_job_id": os.environ.get("SLURM_JOB_ID"), "code_version": code_version(),
+            "versions": versions()})
+        ndir = self._name_dir(name)
+        ndir.mkdir(parents=True, exist_ok=True)
+        _remove_stale_staging(ndir)
+        # Stage a complete, fsynced directory under a hidden name first (atomic_dir), then race
+        # for the version number with a second rename: a crash leaves only a hidden directory.
+        staged = ndir / f".staged-{os.getpid()}-{time.monotonic_ns()}"
+        with atomic_dir(staged) as tmp:
+            files = dict(files, **{CARD: (json.dumps(card, indent=2, sort_keys=True, default=str)
+                                          + "\n").encode()})
+            for fname, src in files.items():
+                if isinstance(src, bytes):
+                    (tmp / fname).write_bytes(src)
+                else:
+                    shutil.copyfile(src, tmp / fname)
+            (tmp / SUMS).write_text(format_sums({f: sha256_file(tmp / f) for f in files}), encoding="utf-8")
+        v = (self.versions(name) or [0])[-1] + 1
+        for _ in range(_MAX_RENAME_TRIES):
+            try:
+                os.rename(staged, ndir / str(v))
+                fsync_dir(ndir)
+                return v
+            except OSError as e:
+                if e.errno not in (errno.EEXIST, errno.ENOTEMPTY):
+                    shutil.rmtree(staged, ignore_errors=True)
+                    raise
+                v = max(v + 1, (self.versions(name) or [0])[-1] + 1)
+        shutil.rmtree(staged, ignore_errors=True)
+        raise RuntimeError(f"{ndir}: could not claim a version number after {_MAX_RENAME_TRIES} tries")
+
+    def promote(self, name: str, version: int | str, alias: str) -> int | None:
+        """Point ``alias`` at ``version`` (verified first); return the previous version or None."""
+        if not _ALIAS_RE.fullmatch(alias) or alias == "latest":
+            raise ValueError(f"alias {alias!r} must match {_ALIAS_RE.pattern}, not be all digits "
+                             "and not be 'latest' (e.g. production, staging)")
+        r = self.verify(f"{name}@{int(version)}" if str(version).isdigit() else f"{name}@{version}")
+        previous = self.aliases(name).get(alias)
+        entry = {"alias": alias, "version": r.version, "previous": previous,
+                 "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "user": user(),
+                 "host": socket.gethostname(), "slurm_job_id": os.environ.get("SLURM_JOB_ID")}
+        ndir = self._name_dir(name)
+        atomic_write_json(ndir / "aliases" / f"{alias}.json", entry)
+        # O_APPEND writes of one short line land whole and in order on local filesystems (and
+        # NFS with a single writer per line); the alias file above is the source of truth.
+        fd = os.open(ndir / "aliases.log", os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
+        try:
+            os.write(fd, (json.dumps(entry, sort_keys=True) + "\n").encode())
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        return previous
+
+    def alias_log(self, name: str) -> list[dict]:
+        p = self._name_dir(name) / "aliases.log"
+        if not p.is_file():
+            return []
+        return [json.loads(line) for line in p.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+    # ---------------------------------------------------------------- loading
+    def _loadable_card(self, ref: str, allow_unpromoted: bool) -> dict:
+        r = self.resolve(ref)
+        if not allow_unpromoted and not self.is_promoted(r):
+            raise ValueError(f"{ref} resolves to {r.name}@{r.version}, which no alias points to; "
+                             f"promote it (`hpc registry promote {r.name} {r.version} --alias staging`) "
+                             "or pass --allow-unpromoted")
+        return self.card(r)
+
+    def load(self, ref: str, allow_unpromoted: bool = False, device: str = "cpu") -> tuple[Any, dict]:
+        """Verify, then build from safetensors + JSON only: ``(nn.Module in eval mode, card)``.
+
+        A single model comes back as the family's plain module (normalized inputs, raw outputs);
+        an ensemble as ``hpc.registry.ensemble.Ensemble`` (raw batches through ``prepare``).
+        Only versions an alias points to load unless ``allow_unpromoted``; an ensemble's members
+        are pinned versions (they need no alias) and must still match their recorded model.json.
+        """
+        from hpc.registry.card import build_model_from_card, build_scorer
+
+        card = self._loadable_card(ref, allow_unpromoted)
+        if card.get("kind") == "ensemble":
+            return build_scorer(self, card, device), card
+        return build_model_from_card(self, card, device), card
+
+    def load_scorer(self, ref: str, allow_unpromoted: bool = False, device: str = "cpu") -> tuple[Any, dict]:
+        """Like ``load`` but always a scorer (``Single`` or ``Ensemble``): what batch inference runs."""
+        from hpc.registry.card import build_scorer
+
+        card = self._loadable_card(ref, allow_unpromoted)
+        return build_scorer(self, card, device), card

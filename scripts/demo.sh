@@ -53,7 +53,7 @@ table = pq.read_table(pred).to_pandas()
 import h5py, numpy as np
 from hpc.data import load_manifest
 m = load_manifest(out / "data" / "test")
-labels = np.concatenate([h5py.File(m.path.parent / sh.file, "r")["y"][:] for sh in m.shards])
+labels = np.concatenate([h5py.File(m.shard_path(i), "r")["y"][:] for i in range(len(m.shards))])
 acc = float((table.sort_values("row_id")["prediction"].to_numpy() == labels).mean())
 print(f"test accuracy (trainer, all-reduced over {s['world_size']} ranks): {test.get('accuracy', float('nan')):.4f}")
 print(f"test accuracy (from the predictions, recomputed here):           {acc:.4f}   (chance: 0.10)")

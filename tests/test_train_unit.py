@@ -43,6 +43,7 @@ def test_config_defaults_overrides_and_yaml(tmp_path):
     (["optim.nesterov=true"], r"nesterov: needs name=sgd and momentum > 0"),
     (["model.config.widths=[4]"], r"config\.model\.config: unknown key 'widths'; valid keys: input"),
     (["kernels=fast"], r"'fast' is not one of 'auto', 'torch', 'cupy'"),
+    (["monitor.hang_s=400"], r"monitor\.hang_s: must be below dist\.timeout_s=300"),
     (["lr"], r"expected key=value"),
 ])
 def test_bad_config_names_key_and_valid_values(override, match):
@@ -217,6 +218,8 @@ def test_run_in_process_writes_the_run_directory_contract_and_registers(tmp_path
     vals = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in vals if r["kind"] == "val"] == [5, 10, 15, 20, 25, 30, 35, 36]
     assert Registry(tmp_path / "reg").resolve("unit-model@staging").version == 1
+    hb = json.loads((run_dir / "heartbeat" / "rank-0.json").read_text())  # for hpc status / report
+    assert hb["state"] == "completed" and hb["step"] == 36
     # The same run_id again without resume is refused (it would mix two runs' checkpoints).
     with pytest.raises(ValueError, match="already has checkpoints; pass resume=auto"):
         run(cfg, [f"run_id={run_dir.name}"])

@@ -155,6 +155,18 @@ class CheckpointSection:
 
 
 @dataclass
+class MonitorSection:
+    heartbeat_s: float = 5.0           # per-rank heartbeat/rank-R.json for `hpc status|report`; 0 = off
+    hang_s: float = 0.0                # a step's comm phase longer than this writes a hang report; 0 = off
+    on_hang: Literal["exit", "requeue"] = "exit"   # requeue: rank 0 requeues the Slurm job (resume=auto)
+
+    def check(self, where: str) -> None:
+        require(self.heartbeat_s >= 0, f"{where}.heartbeat_s", "must be >= 0")
+        require(self.hang_s >= 0, f"{where}.hang_s", "must be >= 0")
+        require(self.hang_s == 0 or self.heartbeat_s > 0, f"{where}.hang_s", "needs heartbeat_s > 0")
+
+
+@dataclass
 class RegistrySection:
     name: str = ""
     alias: str | None = None
@@ -180,12 +192,16 @@ class TrainConfig:
     train: TrainSection = field(default_factory=TrainSection)
     dist: DistSection = field(default_factory=DistSection)
     checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
+    monitor: MonitorSection = field(default_factory=MonitorSection)
     registry: RegistrySection | None = None
 
     def check(self, where: str) -> None:
         require(bool(self.name) and "/" not in self.name, f"{where}.name", f"must be a plain name, got {self.name!r}")
         require(self.run_id is None or (bool(self.run_id) and "/" not in self.run_id), f"{where}.run_id",
                 f"must be a plain name, got {self.run_id!r}")
+        require(self.monitor.hang_s < self.dist.timeout_s, f"{where}.monitor.hang_s",
+                f"must be below dist.timeout_s={self.dist.timeout_s:g}, or the backend aborts before the "
+                "hang report is written")
 
     def to_dict(self) -> dict:
         return to_dict(self)
@@ -193,7 +209,7 @@ class TrainConfig:
     def hash(self) -> str:
         """sha256 of the settings that change the math (not names, paths or logging)."""
         d = self.to_dict()
-        for k in ("name", "run_id", "out_dir", "resume", "registry", "checkpoint"):
+        for k in ("name", "run_id", "out_dir", "resume", "registry", "checkpoint", "monitor"):
             d.pop(k, None)
         d["train"] = {k: v for k, v in d["train"].items() if k not in ("progress", "log_every")}
         d["dist"] = {k: v for k, v in d["dist"].items() if k != "timeout_s"}

@@ -93,6 +93,7 @@ class Trainer:
         self._last_ckpt_s: float | None = None
         self.timers = {"data": 0.0, "comm": 0.0, "step": 0.0, "samples": 0}
         self.flag = preempt.PreemptFlag()  # installed by fit()
+        self.hb = self.wd = None            # heartbeat and hang watchdog, started by fit()
         self._resume()
         self._broadcast_params(comm, self.model)
         self._broadcast_opt(comm, self.opt)
@@ -171,25 +172,27 @@ class Trainer:
         self.model.train()
         self.opt.zero_grad(set_to_none=False)
         loss_sum = torch.zeros((), device=self.device)
-        for i, batch in enumerate(micro):
-            batch = self._to_device(batch)
-            ctx = self.sync.no_sync() if i < len(micro) - 1 else contextlib.nullcontext()
-            with ctx:
-                with self._autocast():
-                    loss = self.train_loss(self.model(batch), batch) / len(micro)
-                (self.scaler.scale(loss) if self.scaler else loss).backward()
-            loss_sum += loss.detach().float()
+        with self._phase("compute"):
+            for i, batch in enumerate(micro):
+                batch = self._to_device(batch)
+                ctx = self.sync.no_sync() if i < len(micro) - 1 else contextlib.nullcontext()
+                with ctx:
+                    with self._autocast():
+                        loss = self.train_loss(self.model(batch), batch) / len(micro)
+                    (self.scaler.scale(loss) if self.scaler else loss).backward()
+                loss_sum += loss.detach().float()
         t0 = time.perf_counter()
-        self.sync.synchronize()
-        if self.scaler is not None:
-            self.scaler.unscale_(self.opt)
-        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
-        gnorm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads))) if grads else loss_sum * 0
-        bad = not bool(torch.isfinite(loss_sum)) or (self.scaler is None and not bool(torch.isfinite(gnorm)))
-        # The one scalar all-reduce per step: global loss and the decisions every rank must share.
-        flags = torch.tensor([float(loss_sum) if not bad else 0.0, float(bad), float(self.flag.requested),
-                              float(ckpt_local)], dtype=torch.float64, device=self.comm.device)
-        self.comm.allreduce_(flags)
+        with self._phase("comm"):
+            self.sync.synchronize()
+            if self.scaler is not None:
+                self.scaler.unscale_(self.opt)
+            grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+            gnorm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads))) if grads else loss_sum * 0
+            bad = not bool(torch.isfinite(loss_sum)) or (self.scaler is None and not bool(torch.isfinite(gnorm)))
+            # The one scalar all-reduce per step: global loss and the decisions every rank must share.
+            flags = torch.tensor([float(loss_sum) if not bad else 0.0, float(bad), float(self.flag.requested),
+                                  float(ckpt_local)], dtype=torch.float64, device=self.comm.device)
+            self.comm.allreduce_(flags)
         self.timers["comm"] += time.perf_counter() - t0
         out = {"loss": float(flags[0]) / self.world, "nonfinite": bool(flags[1] > 0),
                "stop": bool(flags[2] > 0), "checkpoint": bool(flags[3] > 0), "grad_norm": float(gnorm)}
@@ -201,11 +204,12 @@ class Trainer:
         if self.cfg.optim.clip_grad_norm > 0:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.optim.clip_grad_norm)
         set_lr(self.opt, lr_at(self.step, self.cfg.optim, self.total_steps, self.world))
-        if self.scaler is not None:
-            self.scaler.step(self.opt)
-            self.scaler.update()
-        else:
-            self.opt.step()
+        with self._phase("compute"):
+            if self.scaler is not None:
+                self.scaler.step(self.opt)
+                self.scaler.update()
+            else:
+                self.opt.step()
         return out
 
     # -- evaluation -------------------------------------------------------------------------------
@@ -255,6 +259,7 @@ class Trainer:
     def fit(self) -> dict:
         cfg, tc = self.cfg, self.cfg.train
         self.flag.install()
+        self._start_monitor()
         reader, ga = self.data.train, tc.grad_accum
         per_epoch = reader.batches_per_epoch
         bar = _progress(self.rank == 0 and tc.progress, self.total_steps, self.step)
@@ -269,7 +274,8 @@ class Trainer:
                 it = iter(reader)
                 while self.step < self.total_steps and stop is None and self.batch_in_epoch + ga <= per_epoch:
                     t0 = time.perf_counter()
-                    micro = list(_take(it, ga))
+                    with self._phase("data"):
+                        micro = list(_take(it, ga))
                     t1 = time.perf_counter()
                     assert len(micro) == ga, "the reader yielded fewer batches than batches_per_epoch"
                     self.batch_in_epoch += ga
@@ -283,6 +289,8 @@ class Trainer:
                     else:
                         self.nonfinite_run = 0
                         self.step += 1
+                        if self.hb is not None:
+                            self.hb.set_step(self.step, self.epoch, samples=global_batch // self.world)
                         self.timers["samples"] += global_batch
                         window_loss, window_n = window_loss + out["loss"], window_n + 1
                         if self.step % tc.log_every == 0:
@@ -295,11 +303,13 @@ class Trainer:
                         self.epoch, self.batch_in_epoch = self.epoch + 1, 0
                     if ((tc.eval_every and self.step % tc.eval_every == 0 and not out["nonfinite"])
                             or (epoch_end and not tc.eval_every)):
-                        if self._validate():
-                            stop = "early_stopping"
+                        with self._phase("eval"):
+                            if self._validate():
+                                stop = "early_stopping"
                     every = cfg.checkpoint.every_steps
                     if out["checkpoint"] or out["stop"] or (every and self.step % every == 0):
-                        self.save_checkpoint()
+                        with self._phase("checkpoint"):
+                            self.save_checkpoint()
                     if out["stop"]:
                         stop = "preempted"
                     bar.update(self.step - bar.n)
@@ -347,6 +357,7 @@ class Trainer:
     def _finish(self, state: str, reason: str | None, bar) -> dict:
         bar.close()
         self.flag.uninstall()
+        self._stop_monitor(state)
         train_time = self.timers["step"]
         metrics: dict = {"val": self.best.get("metrics") or {}, "test": {}}
         if state == "completed":
@@ -392,10 +403,43 @@ class Trainer:
                      self.run_dir / "summary.json")
         return summary
 
+    # -- heartbeats and the hang watchdog (hpc.monitor; docs/operability.md) -----------------------
+    def _start_monitor(self) -> None:
+        m = self.cfg.monitor
+        if m.heartbeat_s <= 0:
+            return
+        from hpc.monitor import Heartbeat, Watchdog
+
+        w = self.comm.world
+        self.hb = Heartbeat(self.run_dir, self.rank, interval_s=m.heartbeat_s, world_size=self.world,
+                            total_steps=self.total_steps, started=self.t_start)
+        self.hb.set_step(self.step, self.epoch)
+        if m.hang_s > 0:
+            def requeue_on_hang(report):  # noqa: ARG001 - the report is already written
+                if w.is_main:
+                    from hpc.launch.requeue import requeue_current_job
+
+                    requeue_current_job(w, reason="timeout")
+
+            self.wd = Watchdog(self.hb, threshold_s=m.hang_s, collective_timeout_s=self.cfg.dist.timeout_s,
+                               on_hang=requeue_on_hang if m.on_hang == "requeue" and w.under_slurm else None)
+
+    def _phase(self, name: str):
+        return self.hb.phase(name) if self.hb is not None else contextlib.nullcontext()
+
+    def _stop_monitor(self, state: str) -> None:
+        if self.wd is not None:
+            self.wd.close()
+            self.wd = None
+        if self.hb is not None:
+            self.hb.close(state)
+            self.hb = None
+
     def _signal_name(self) -> str:
         return self.flag.signal_name or "a signal received by another rank"
 
     def close(self) -> None:
+        self._stop_monitor("failed")  # no-op after _finish (only the first close counts)
         self.flag.uninstall()
         self.sync.remove()
         for h in self._handlers:

@@ -93,9 +93,10 @@ def log_paths(job_id: str, rank: int = 0) -> tuple[Path, Path]:
     return folder / f"{name}_{rank}_log.out", folder / f"{name}_{rank}_log.err"
 
 
-def show_logs(job_id: str, rank: int = 0, follow: bool = False, out: TextIO = sys.stdout,
+def show_logs(job_id: str, rank: int = 0, follow: bool = False, out: TextIO | None = None,
               poll_s: float = 1.0, stream: str = "both") -> int:
     """Print a rank's stdout and stderr; ``follow`` keeps printing until the job has finished."""
+    out = sys.stdout if out is None else out  # looked up per call: sys.stdout may be replaced
     paths = log_paths(job_id, rank)
     wanted = [p for p, kind in zip(paths, ("out", "err")) if stream in ("both", kind)]
     if not follow:

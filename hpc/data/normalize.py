@@ -97,3 +97,17 @@ def normalizer(stats: Mapping[str, dict], fields: Mapping[str, tuple[int, ...]])
         return out
 
     return apply
+
+
+def input_stats(schema: dict, stats: dict) -> dict:
+    """The statistics that normalization applies: those of the task's float input fields.
+
+    ``schema`` is ``Manifest.schema()`` (or a model card's copy of it), ``stats`` the manifest's
+    per-field statistics. The reader (``normalize=True``), the trainer's val/test readers (which
+    use the *training* split's statistics) and the registry (which records them) all call this.
+    """
+    from hpc.data.manifest import INPUT_FIELDS
+
+    fields = schema.get("fields", {})
+    return {k: v for k, v in stats.items() if k in INPUT_FIELDS.get(schema.get("task"), ())
+            and k in fields and np.dtype(fields[k]["dtype"]).kind == "f"}

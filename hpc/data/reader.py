@@ -28,7 +28,7 @@ from hpc.data.assemble import BatchAssembler, BufferPool
 from hpc.data.augment import Augment, batch_generator
 from hpc.data.shardio import ShardFiles, ShardReadError, check_shards, out_dtype
 from hpc.data.manifest import Manifest, load_manifest
-from hpc.data.normalize import normalizer
+from hpc.data.normalize import input_stats, normalizer
 from hpc.data.partition import batches_per_epoch
 from hpc.data.shuffle import RankPlan, rank_plan
 from hpc.data.writer import block_rows as default_block_rows
@@ -90,7 +90,7 @@ def _threaded(make: Callable[[threading.Event], Iterator], maxsize: int, name: s
 
 def _stats_for(m: Manifest, normalize: bool | Mapping | None) -> Mapping[str, dict]:
     if normalize is True:
-        return {k: v for k, v in m.stats.items() if k in m.input_fields and np.dtype(m.fields[k].dtype).kind == "f"}
+        return input_stats(m.schema(), m.stats)
     if not normalize:
         return {}
     bad = set(normalize) - set(m.fields)

@@ -8,6 +8,8 @@ lineage (run directory, data manifest sha256, code and package versions, Slurm j
 
 from __future__ import annotations
 
+from hpc.data.normalize import input_stats  # noqa: F401 - re-exported for callers of card
+
 from pathlib import Path
 from typing import Any
 
@@ -55,7 +57,7 @@ def card_from_run(run_dir: Path, source: str) -> tuple[dict, Path]:
     data = summary.get("data") or {}
     schema = data["schema"]
     # What the trainer's reader normalized with: StreamingReader(normalize=data.normalize) applies
-    # the statistics of the task's float input fields (hpc.data.reader._stats_for), or none.
+    # the statistics of the task's float input fields (hpc.data.normalize.input_stats), or none.
     enabled = bool(((training_config or {}).get("data") or {}).get("normalize", True))
     stats = data.get("stats") or {}
     card = {
@@ -81,18 +83,6 @@ def card_from_run(run_dir: Path, source: str) -> tuple[dict, Path]:
         "weights": {"file": "model.safetensors", "tensors": tensors},
     }
     return card, weights
-
-
-def input_stats(schema: dict, stats: dict) -> dict:
-    """The statistics ``StreamingReader(normalize=True)`` applies (mirrors
-    ``hpc.data.reader._stats_for``): those of the task's float input fields."""
-    import numpy as np
-
-    from hpc.data.manifest import INPUT_FIELDS
-
-    fields = schema.get("fields", {})
-    return {k: v for k, v in stats.items() if k in INPUT_FIELDS.get(schema.get("task"), ())
-            and k in fields and np.dtype(fields[k]["dtype"]).kind == "f"}
 
 
 def ensemble_card(members: list[dict], method: str, weights: list[float] | None = None,

@@ -46,11 +46,16 @@ def load_data(cfg: TrainConfig, rank: int, world_size: int) -> Data:
         raise ValueError(f"{root / 'train'}: {manifest.total_samples} samples give {train.batches_per_epoch} "
                          f"batches of {d.batch_size} per epoch, fewer than train.grad_accum="
                          f"{cfg.train.grad_accum}; lower data.batch_size")
+    # Evaluation normalizes with the *training* split's statistics, exactly as the registered
+    # model does at inference; a split's own statistics would shift its inputs slightly.
+    from hpc.data.normalize import input_stats
+
+    eval_common = dict(common, normalize=input_stats(schema, manifest.stats) if d.normalize else False)
     splits = {}
     for split in ("val", "test"):
         if (root / split / "manifest.json").is_file():
             splits[split] = StreamingReader(root / split, batch_size=eval_per_rank, shuffle=False,
-                                            remainder="pad", **common)
+                                            remainder="pad", **eval_common)
     info = {"dir": str(root.resolve()), "manifest_sha256": manifest.sha256, "schema": schema,
             "stats": manifest.stats, "samples": {"train": manifest.total_samples,
                                                  **{k: r.manifest.total_samples for k, r in splits.items()}}}

@@ -26,7 +26,7 @@ def trainer_takes_hook() -> bool:
     return {"sample_weights", "targets_from"} <= {f.name for f in dataclasses.fields(DataConfig)}
 
 
-class _TargetsReader:
+class TargetsReader:
     """The training reader with each batch's targets replaced by the row's override."""
 
     def __init__(self, reader, fn, field: str):
@@ -82,7 +82,7 @@ def train_member(base: str, overrides: list[str], hook: dict, nproc: int = 1) ->
     n = data.train.manifest.total_samples
     data.train.weight_fn = weight_fn(hook["sample_weights"], n)
     if hook["targets_from"]:
-        data.train = _TargetsReader(data.train, targets_fn(hook["targets_from"], n),
+        data.train = TargetsReader(data.train, targets_fn(hook["targets_from"], n),
                                     TARGET_FIELD[data.train.manifest.task])
         if "rating_mean" in data.schema:
             # MF starts its global offset at the targets' mean: for residuals that is ~0, not the

@@ -93,9 +93,9 @@ class Runner:
 
         overrides = self.spec.member_overrides(index) + [f"seed={self.spec.seed + index}"]
         if hook["sample_weights"] and self.task == "classification":
-            # The trainer's fused softmax-cross-entropy path (classification, remainder=drop)
-            # ignores per-sample weights; remainder=pad takes the weighted path. Cost: one padded
-            # batch per epoch.
+            # remainder=pad: every row of the member's bootstrap/fold sample is seen each epoch
+            # (drop would lose the tail); the trainer weights the loss whenever sample_weights is
+            # set. Cost: one padded batch per epoch.
             overrides.append("data.remainder=pad")
         cfg = load_config(self.base, overrides)  # every member validated before it costs anything
         key = cfg.hash() + json.dumps(hook, sort_keys=True, default=str)

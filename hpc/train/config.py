@@ -37,6 +37,10 @@ class DataConfig:
     augment: dict | str | None = None  # the reader's Augment: {flip, crop_pad, rotate_deg, noise_std}
     prefetch: int = 2
     remainder: Literal["drop", "pad"] = "drop"   # training; evaluation always pads (zero weight)
+    # Ensemble members (docs/ensembles.md): per-row weights / targets of the TRAINING split, as
+    # functions of the row id, so they hold on any number of ranks and across resume.
+    sample_weights: dict | None = None  # {kind: bootstrap|holdout|file, ...} (hpc.ensemble.hooks)
+    targets_from: str | None = None     # .npy of per-row targets (boosting on residuals)
 
     def check(self, where: str) -> None:
         require(bool(self.dir), f"{where}.dir", "is required (a directory made by `hpc data shard|synth`)")
@@ -44,6 +48,11 @@ class DataConfig:
         require(self.eval_batch_size >= 0, f"{where}.eval_batch_size", "must be >= 0")
         require(self.prefetch >= 0, f"{where}.prefetch", "must be >= 0")
         require(self.shuffle_buffer_mb > 0, f"{where}.shuffle_buffer_mb", "must be > 0")
+        if self.sample_weights is not None:
+            from hpc.ensemble.hooks import KINDS
+
+            require(isinstance(self.sample_weights, dict) and self.sample_weights.get("kind") in KINDS,
+                    f"{where}.sample_weights", f"must be a mapping with kind one of {', '.join(KINDS)}")
         if self.augment is not None:
             from hpc.data.augment import Augment
 

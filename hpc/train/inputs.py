@@ -40,8 +40,21 @@ def load_data(cfg: TrainConfig, rank: int, world_size: int) -> Data:
     eval_per_rank = max(1, (d.eval_batch_size or d.batch_size) // world_size)
     common = dict(rank=rank, world_size=world_size, seed=cfg.seed, normalize=d.normalize,
                   prefetch=d.prefetch, shuffle_buffer_mb=d.shuffle_buffer_mb)
+    hook = {}
+    if d.sample_weights is not None:
+        from hpc.ensemble.hooks import weight_fn
+
+        hook["weight_fn"] = weight_fn(d.sample_weights, manifest.total_samples)
     train = StreamingReader(root / "train", batch_size=per_rank, shuffle=d.shuffle,
-                            remainder=d.remainder, augment=d.augment, **common)
+                            remainder=d.remainder, augment=d.augment, **hook, **common)
+    if d.targets_from:
+        from hpc.ensemble.hooks import targets_fn
+        from hpc.ensemble.member import TargetsReader
+
+        train = TargetsReader(train, targets_fn(d.targets_from, manifest.total_samples),
+                               TARGET[manifest.task])
+        if "rating_mean" in schema:
+            schema["rating_mean"] = float(np.load(d.targets_from, mmap_mode="r").mean())
     if train.batches_per_epoch < cfg.train.grad_accum:
         raise ValueError(f"{root / 'train'}: {manifest.total_samples} samples give {train.batches_per_epoch} "
                          f"batches of {d.batch_size} per epoch, fewer than train.grad_accum="

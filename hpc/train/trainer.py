@@ -163,7 +163,8 @@ class Trainer:
 
     def train_loss(self, pred: torch.Tensor, batch: dict) -> torch.Tensor:
         """Mean over the rank's nominal batch; GradSync's average over ranks makes it the global mean."""
-        if self.task == "classification" and self.cfg.data.remainder == "drop" and not hasattr(self.model, "loss"):
+        if (self.task == "classification" and self.cfg.data.remainder == "drop" and not hasattr(self.model, "loss")
+                and self.cfg.data.sample_weights is None):
             return ops.softmax_cross_entropy(pred.float(), batch[TARGET[self.task]])  # fused kernel path
         w = batch["weight"].to(pred.device)
         return (self.per_sample_loss(pred, batch) * w).sum() / w.numel()

@@ -17,9 +17,15 @@ def register(sub) -> None:
     t.add_argument("--registry", default=None, help="registry root (default: the spec's registry.root, "
                    "$HPC_REGISTRY or ./registry)")
     t.set_defaults(func=train)
+    add_submit_parser(esub, "submit")
+    p.set_defaults(func=lambda args: (p.print_help(), 2)[1])
+
+
+def add_submit_parser(sub, name: str) -> None:
+    """`hpc ensemble submit` and its alias `hpc submit ensemble`: one parser, one function."""
     from hpc.cli.submit import _resources  # the same Slurm options as `hpc submit train`
 
-    s = esub.add_parser("submit", help="members as one Slurm job array (boosting: an afterok chain), "
+    s = sub.add_parser(name, help="members as one Slurm job array (boosting: an afterok chain), "
                         "then the combiner job", description="Submit the members that can run in parallel "
                         "(bagging members, stacking folds) as one job array, boosting rounds as an afterok "
                         "chain, and the combiner job (evaluation, meta-model, ensemble registration) after "
@@ -30,7 +36,6 @@ def register(sub) -> None:
     s.add_argument("--max-parallel", type=int, default=256, help="array tasks running at once")
     _resources(s)
     s.set_defaults(func=submit)
-    p.set_defaults(func=lambda args: (p.print_help(), 2)[1])
 
 
 def train(args) -> int:

@@ -91,6 +91,10 @@ def register(sub) -> None:
     pl.add_argument("--infer-tasks", type=int, default=None, help="ranks of the infer stage (default: as train)")
     _resources(pl)
     pl.set_defaults(func=_pipeline)
+
+    from hpc.cli.ensemble import add_submit_parser
+
+    add_submit_parser(ssub, "ensemble")  # = `hpc ensemble submit` (docs/ensembles.md)
     p.set_defaults(func=lambda args: (p.print_help(), 2)[1])
 
 

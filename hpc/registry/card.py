@@ -178,6 +178,20 @@ def build_model_from_card(registry, card: dict, device: str = "cpu"):
 
     vdir = registry.version_dir(Ref(card["name"], card["version"]))
     state = load_safetensors(read_verified(vdir, WEIGHTS))
+    # A family registered by a plugin (training config `imports:`, e.g. hpc.ensemble.hierarchical)
+    # must be imported before it can be built. These are names of installed modules recorded in
+    # the verified card, never code stored in the artifact.
+    from hpc.models import list_models
+
+    if card["model"]["family"] not in list_models():
+        import importlib
+
+        for name in (card.get("training_config") or {}).get("imports") or []:
+            try:
+                importlib.import_module(name)
+            except ImportError as e:
+                raise ValueError(f"{vdir}: model family {card['model']['family']!r} needs module {name!r} "
+                                 f"(from the training config's imports), which cannot be imported: {e}") from None
     model = build_model(card["model"]["family"], card["model"]["config"], card["schema"])
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:

@@ -78,7 +78,9 @@ def final_params(run_dir: Path) -> dict:
 
 
 def test_preempted_pipeline_resumes_and_matches_uninterrupted_run(slurm_cluster, tmp_path):
-    cfg = make_tiny(tmp_path)
+    # 40 epochs x 40 steps: a softmax step takes about a millisecond, so with fewer steps the run
+    # can finish between our poll seeing step 20 and the signal arriving (then nothing requeues).
+    cfg = make_tiny(tmp_path, epochs=40)
     env = {"HPC_HOME": str(tmp_path / "home"), "HPC_REGISTRY": str(tmp_path / "registry")}
     # The uninterrupted reference: plain sbatch with the template, same world size (2).
     ref = subprocess.run(["sbatch", "--parsable", "--ntasks-per-node=2", "--time=10",

@@ -37,6 +37,17 @@ STATE_VERSION = 1
 __all__ = ["StreamingReader", "iter_shard", "ShardReadError", "check_shards"]
 
 
+def put_unless_stopped(q: queue.Queue, item, stop: threading.Event) -> bool:
+    """Put into a bounded queue unless the consumer has stopped (then False: the producer returns)."""
+    while not stop.is_set():
+        try:
+            q.put(item, timeout=0.1)
+            return True
+        except queue.Full:
+            continue
+    return False
+
+
 def _threaded(make: Callable[[threading.Event], Iterator], maxsize: int, name: str) -> Iterator:
     """Run the generator ``make(stop)`` in a daemon thread, handing items over through a queue of
     ``maxsize``; an exception in the thread is raised in the consumer; closing this generator sets
@@ -46,13 +57,7 @@ def _threaded(make: Callable[[threading.Event], Iterator], maxsize: int, name: s
     gen = make(stop)
 
     def put(item) -> bool:
-        while not stop.is_set():
-            try:
-                q.put(item, timeout=0.1)
-                return True
-            except queue.Full:
-                continue
-        return False
+        return put_unless_stopped(q, item, stop)
 
     def work() -> None:
         try:

@@ -17,6 +17,8 @@ from typing import Callable
 import numpy as np
 import torch
 
+from hpc.data.reader import put_unless_stopped
+
 
 def id_fields(manifest) -> list[str]:
     """Input fields copied to the output: integer scalar model inputs (user, item) and id fields."""
@@ -46,17 +48,6 @@ class _Thread(threading.Thread):
         self.join()
         if self.error is not None:
             raise self.error
-
-
-def _put(q: queue.Queue, item, stop: threading.Event) -> bool:
-    """Put, unless the consumer has stopped (then False: the producer should return)."""
-    while not stop.is_set():
-        try:
-            q.put(item, timeout=0.1)
-            return True
-        except queue.Full:
-            continue
-    return False
 
 
 def _get(q: queue.Queue, thread: _Thread):
@@ -91,9 +82,9 @@ def score_shards(scorer, manifest, shards: list[int], batch_size: int, prefetch:
                 if pin:
                     prepared = _pin(prepared)
                 keep = {"index": batch["row"], "row_id": batch["row_id"], **{k: batch[k] for k in ids}}
-                if not _put(batches, (s, prepared, keep), stop):
+                if not put_unless_stopped(batches, (s, prepared, keep), stop):
                     return
-            if not _put(batches, (s, None, None), stop):
+            if not put_unless_stopped(batches, (s, None, None), stop):
                 return
 
     def write() -> None:

@@ -77,3 +77,28 @@ def test_bad_layer_and_ref(setup):
         build_model("hierarchical", {"features_from": f"{ref}:nope", "registry": str(root / "reg")}, schema)
     with pytest.raises(ValueError, match="NAME@VERSION:LAYER"):
         build_model("hierarchical", {"features_from": "cnn"}, schema)
+
+
+def test_registered_hierarchical_scores_in_a_fresh_hpc_infer(setup, tmp_path):
+    """`hpc infer` in a new process: the registry imports the card's training_config.imports
+    (the hierarchical family) and rebuilds the extractor from its own verified entry."""
+    import subprocess
+    import sys
+
+    import pandas as pd
+
+    root, base, reg, ref = setup
+    s, _ = _hier(setup, "hier-infer", True)
+    v = reg.add(s["run_dir"], "hier-infer", source="last")
+    out = tmp_path / "preds"
+    r = subprocess.run([sys.executable, "-m", "hpc", "infer", "--model", f"hier-infer@{v}", "--registry",
+                        str(reg.root), "--input", str(root / "digits" / "test"), "--output", str(out),
+                        "--allow-unpromoted"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    df = pd.read_parquet(out).sort_values(["shard", "index"])
+    assert (out / "_SUCCESS").is_file()
+    scorer, _ = reg.load_scorer(f"hier-infer@{v}", allow_unpromoted=True)
+    b = next(iter_shard(root / "digits" / "test", 0, 1000, normalize=False))
+    with torch.no_grad():
+        expect = scorer(scorer.prepare(b)).argmax(1).numpy()
+    assert len(df) == len(expect) and (df["prediction"].to_numpy() == expect).all()

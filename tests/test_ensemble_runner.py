@@ -1,9 +1,13 @@
 """`hpc ensemble train` end to end on real shards, the real trainer and the real registry."""
 
 import json
+import subprocess
+import sys
 
 import numpy as np
+import pandas as pd
 import pytest
+import torch
 import yaml
 
 from hpc.cli import main
@@ -139,6 +143,20 @@ def test_stacking_meta_model_registered(work):
     y = _labels(work / "digits" / "test")
     acc = float((scorer(scorer.prepare(b)).argmax(1).numpy() == y).mean())
     assert acc == pytest.approx(res.metrics["test"]["ensemble"]["accuracy"])
+    # `hpc infer --model stack@1` in a fresh process on 2 ranks: level-0 fold members, then the
+    # meta-model, one pass; pandas reads what the runner reported; a rerun leaves it untouched
+    out = work / "stack-preds"
+    cmd = [sys.executable, "-m", "hpc", "infer", "--model", "stack@1", "--registry", str(reg.root),
+           "--input", str(work / "digits" / "test"), "--output", str(out), "--allow-unpromoted", "--nproc", "2"]
+    for attempt in range(2):
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, r.stderr[-3000:]
+        if attempt == 0:
+            first = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == first
+    df = pd.read_parquet(out).sort_values(["shard", "index"])
+    assert len(df) == len(y) and float((df["prediction"].to_numpy() == y).mean()) == pytest.approx(acc)
+    assert set(df["model"]) == {"stack"} and set(df["model_version"]) == {1}
     # rerun: every fold member found, the same meta-model refitted, no new ensemble version
     again = Runner(spec, reg, log=lambda s: None).run()
     assert not any(m.trained for m in again.members) and again.ensemble_ref == "stack@1"
@@ -146,15 +164,58 @@ def test_stacking_meta_model_registered(work):
 
 
 @pytest.mark.mpi
-def test_seed_bagging_members_on_two_ranks(work):
-    spec = load_spec(_spec(work, "mpibag", method="bagging", bagging={"members": 2, "bootstrap": False}))
+def test_bootstrap_members_on_two_ranks(work):
+    """Weighted members train on N ranks: the hook travels as trainer config keys."""
+    spec = load_spec(_spec(work, "mpibag", method="bagging", bagging={"members": 2}))
     reg = Registry(work / "reg")
     res = Runner(spec, reg, nproc=2, log=lambda s: None).run()
-    assert [reg.card(m.ref)["lineage"]["world_size"] for m in res.members] == [2, 2]
-    # weighted members cannot run on several ranks until the trainer reads the hook keys
-    from hpc.ensemble.member import trainer_takes_hook
+    cards = [reg.card(m.ref) for m in res.members]
+    assert [c["lineage"]["world_size"] for c in cards] == [2, 2]
+    assert [c["training_config"]["data"]["sample_weights"] for c in cards] == [
+        {"kind": "bootstrap", "seed": 0}, {"kind": "bootstrap", "seed": 1}]
 
-    if trainer_takes_hook():
-        return
-    with pytest.raises(ValueError, match="--nproc 2: bagging members need per-row"):
-        Runner(load_spec(_spec(work, "mpibag2", method="bagging")), reg, nproc=2)
+
+def test_preempted_member_resumes_on_rerun_exactly(work, tmp_path):
+    """SIGUSR2 mid-member: the member checkpoints, `hpc ensemble train` exits 3 with nothing
+    half-trained registered; the rerun skips the registered member, resumes the interrupted one,
+    and ends with the weights of an uninterrupted run."""
+    import re
+    import signal
+
+    from safetensors.torch import load_file
+
+    spec = _spec(work, "pre", method="bagging", bagging={"members": 2})
+    cmd = [sys.executable, "-m", "hpc", "ensemble", "train", str(spec), "train.epochs=30",
+           "train.log_every=10"]
+    reg_a = tmp_path / "reg-a"
+    proc = subprocess.Popen(cmd + [f"out_dir={tmp_path / 'a'}", "--registry", str(reg_a)],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    seen, in_m1 = [], False
+    for line in proc.stdout:
+        seen.append(line)
+        in_m1 = in_m1 or "pre-m1: training" in line
+        m = re.search(r"step (\d+)/", line)
+        if in_m1 and m and int(m.group(1)) >= 100:
+            proc.send_signal(signal.SIGUSR2)
+            break
+    seen += proc.stdout.readlines()
+    assert proc.wait(timeout=120) == 3, "".join(seen)[-3000:]
+    out = "".join(seen)
+    assert "pre-m1: preempted" in out
+    reg = Registry(reg_a)
+    assert reg.versions("pre-m0") == [1] and reg.versions("pre-m1") == [] and reg.versions("pre") == []
+
+    r = subprocess.run(cmd + [f"out_dir={tmp_path / 'a'}", "--registry", str(reg_a)],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    both = r.stdout + r.stderr
+    assert "pre-m0: registered as pre-m0@1" in both and "resumed from" in both
+    assert reg.versions("pre-m1") == [1] and reg.versions("pre") == [1]
+
+    # the same member, never interrupted
+    r = subprocess.run(cmd + [f"out_dir={tmp_path / 'b'}", "--registry", str(tmp_path / "reg-b")],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    got = load_file(str(next((reg_a / "pre-m1").glob("*/model.safetensors"))))
+    want = load_file(str(next((tmp_path / "reg-b" / "pre-m1").glob("*/model.safetensors"))))
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in got)

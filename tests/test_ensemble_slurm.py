@@ -76,3 +76,39 @@ def test_stacking_is_array_plus_dependent_meta_job(work):
     assert out["ensemble"] == "sstack@1"
     card = Registry(work / "reg").card("sstack@1")
     assert card["ensemble"]["method"] == "stacking" and card["ensemble"]["groups"] == [[0, 1]]
+
+
+def test_two_rank_members_and_a_preempted_array_task_requeues(work):
+    """Members on 2 ranks each (srun --mpi=pmix); USR2 to one array task mid-run: it checkpoints,
+    requeues, resumes, and the afterok combiner still registers the ensemble."""
+    import json
+    import time
+    from pathlib import Path
+
+    from hpc.ensemble.submit import submit_ensemble
+
+    spec = _spec(work, "spre", method="bagging", bagging={"members": 2})
+    sub = submit_ensemble(spec, ["train.epochs=60", "train.log_every=10"],
+                          SlurmResources(time="10", tasks_per_node=2), "slurm", False, str(work / "reg"))
+    members, combine = sub.jobs[:2], sub.jobs[2]
+    deadline = time.monotonic() + 180
+    metrics = None
+    while time.monotonic() < deadline:
+        metrics = next((work / "runs" / "spre-m1").glob("ens-*/metrics.jsonl"), None)
+        if metrics and any(json.loads(x).get("step", 0) >= 50 for x in metrics.read_text().splitlines() if x):
+            break
+        time.sleep(0.3)
+    else:
+        raise AssertionError(f"spre-m1 never reached step 50 ({metrics})")
+    subprocess.run(["scancel", "--signal=USR2", str(members[1].job_id)], check=True, timeout=30)
+    out = combine.result()
+    assert out["ensemble"] == "spre@1" and out["members"] == ["spre-m0@1", "spre-m1@1"]
+    reg = Registry(work / "reg")
+    assert [reg.card(f"spre-m{i}@1")["lineage"]["world_size"] for i in range(2)] == [2, 2]
+    run_dir = Path(metrics).parent
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["state"] == "completed" and summary["slurm"]["restart_count"] == 1, summary["slurm"]
+    rank0 = (run_dir / "logs" / "rank-0.log").read_text()
+    assert "preempted by SIGUSR2" in rank0 and "resumed from" in rank0
+    resumed = int(rank0.split("resumed from")[1].split("(step ")[1].split(",")[0])
+    assert 50 <= resumed < summary["total_steps"]

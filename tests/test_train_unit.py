@@ -45,6 +45,9 @@ def test_config_defaults_overrides_and_yaml(tmp_path):
     (["kernels=fast"], r"'fast' is not one of 'auto', 'torch', 'cupy'"),
     (["monitor.hang_s=400"], r"monitor\.hang_s: must be below dist\.timeout_s=300"),
     (["lr"], r"expected key=value"),
+    # an optional section (`X | None`) reports its own error, not "expected mapping | null"
+    (["registry.root=/r"], r"config\.registry\.name: is required when registry is set"),
+    (["registry={name: a, rooot: /r}"], r"config\.registry: unknown key 'rooot'; valid keys: .*root"),
 ])
 def test_bad_config_names_key_and_valid_values(override, match):
     with pytest.raises(ValueError, match=match):

@@ -27,7 +27,7 @@ import torch
 
 from hpc.ensemble.boosting import residual_round_weight, residual_targets, samme_round
 from hpc.ensemble.combine import combine, fit_meta, stacking_features
-from hpc.ensemble.member import TARGET_FIELD, train_member, trainer_takes_hook
+from hpc.ensemble.member import train_member
 from hpc.ensemble.spec import EnsembleSpec
 from hpc.ensemble.stacking import OOFTable, fold_of
 from hpc.util.io import atomic_write_bytes, atomic_write_json
@@ -37,7 +37,7 @@ from hpc.util.io import atomic_write_bytes, atomic_write_json
 @dataclass
 class Member:
     name: str           # registry name
-    ref: str            # NAME@VERSION
+    ref: str | None     # NAME@VERSION (None on ranks > 0 of a multi-rank Slurm member: rank 0 registers)
     run_id: str
     trained: bool       # False: found registered, skipped
 
@@ -60,17 +60,16 @@ def _hook(sample_weights: dict | None = None, targets_from: str | None = None) -
 
 
 class Runner:
-    def __init__(self, spec: EnsembleSpec, registry, nproc: int = 1, log: Callable[[str], None] = print):
+    def __init__(self, spec: EnsembleSpec, registry, nproc: int = 1, log: Callable[[str], None] = print,
+                 rank: int = 0):
+        """``nproc``: local ranks each member trains on (launched here). ``rank``: this process's
+        rank when the Runner itself runs once per rank (a multi-task Slurm member task)."""
         from hpc.train.config import load_config
 
-        self.spec, self.registry, self.nproc, self.log = spec, registry, nproc, log
-        hooked = spec.method != "bagging" or spec.bagging.bootstrap
-        if nproc > 1 and hooked and not trainer_takes_hook():
-            raise ValueError(f"--nproc {nproc}: {spec.method} members need per-row weights/targets, which "
-                             "this trainer takes only in-process (no data.sample_weights/data.targets_from "
-                             "config keys yet); use --nproc 1, or bagging with bootstrap: false")
+        self.spec, self.registry, self.nproc, self.log, self.rank = spec, registry, nproc, log, rank
         self.base = spec.base_path()
         cfg = load_config(self.base, spec.overrides)  # validates the base config now
+        self.base_config = cfg
         self.data_dir = Path(cfg.data.dir)
         self.work = Path(cfg.out_dir) / spec.name / "ensemble"
         from hpc.data.manifest import load_manifest
@@ -117,6 +116,8 @@ class Runner:
             raise SystemExit(EXIT_PREEMPTED)
         if state != "completed":
             raise RuntimeError(f"{name}: training run {run_id} ended {state}; not registered")
+        if self.rank != 0:
+            return Member(name, None, run_id, True)  # rank 0 registers; the other ranks are done
         run_dir = Path(cfg.out_dir) / name / run_id
         version = self.registry.add(run_dir, name, source=source)
         return Member(name, f"{name}@{version}", run_id, True)
@@ -144,7 +145,9 @@ class Runner:
         from hpc.data.manifest import load_manifest
 
         m = load_manifest(split)
-        f = TARGET_FIELD[m.task]
+        from hpc.train.inputs import TARGET
+
+        f = TARGET[m.task]
         return np.concatenate([b[f].numpy() for s in range(len(m.shards))
                                for b in iter_shard(m, s, 4096, normalize=False)])
 
@@ -268,6 +271,8 @@ class Runner:
             for k in range(rounds):
                 path = self._row_file("samme", w)
                 m = self.member(f"{self.spec.name}-r{k}", k, _hook({"kind": "file", "path": str(path)}))
+                if m.ref is None:
+                    return Result("boosting", self.task, members + [m], weights=weights)
                 r = samme_round(self.y, self.predict(m.ref, "train").argmax(1), w, k_classes)
                 self.log(f"{m.ref}: weighted error {r.err:.4f}, alpha {r.alpha:.4f}")
                 if r.alpha <= 0:
@@ -290,6 +295,8 @@ class Runner:
             # last weights, not the "best" by a val metric computed against the raw targets
             m = self.member(f"{self.spec.name}-r{k}", k, _hook(None, str(path)),
                             source="last" if k else "best")
+            if m.ref is None:
+                return Result("boosting", self.task, members + [m], weights=weights)
             wk = residual_round_weight(k, p.shrinkage)
             f = f + wk * self.predict(m.ref, "train")
             self.log(f"{m.ref}: weight {wk}, train rmse {np.sqrt(np.mean((self.y - f) ** 2)):.4f}")

@@ -11,7 +11,8 @@ Each member task trains with a fixed run id (``ens-<config hash>``) and ``resume
 preempted or stopped at its time limit checkpoints and is requeued by the trainer
 (``hpc.train.preempt``, as ``hpc submit train``), and the requeued task resumes the same run.
 Rerunning the submission submits the same jobs, whose tasks find their members registered and
-return at once. Members run on one Slurm task each (see ``_check_layout``).
+return at once. With ``--nodes``/``--tasks-per-node`` each member trains on that many ranks
+(srun ``--mpi=pmix`` for the MPI backend); rank 0 registers it.
 """
 
 from __future__ import annotations
@@ -20,22 +21,29 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Sequence
 
-from hpc.ensemble.member import trainer_takes_hook
 from hpc.ensemble.runner import Runner
 from hpc.ensemble.spec import load_spec
 
 
-def _runner(spec_path: str, overrides: Sequence[str], registry_root: str, log=print) -> Runner:
+def _runner(spec_path: str, overrides: Sequence[str], registry_root: str, log=print, rank: int = 0,
+            nproc: int = 1) -> Runner:
     from hpc.registry import Registry
 
     spec = load_spec(spec_path)
     spec.overrides = list(spec.overrides) + list(overrides)
-    return Runner(spec, Registry(registry_root), log=log)
+    return Runner(spec, Registry(registry_root), nproc=nproc, log=log, rank=rank)
 
 
-def member_task(spec_path: str, overrides: Sequence[str], registry_root: str, index: int) -> str:
-    """Array task / chain link ``index``: train and register that member; returns NAME@VERSION."""
-    return _runner(spec_path, overrides, registry_root).train_task(index)
+def member_task(spec_path: str, overrides: Sequence[str], registry_root: str, index: int,
+                nproc: int = 1) -> str | None:
+    """Array task / chain link ``index``, run once per Slurm task (rank): every rank trains the
+    member, rank 0 registers it and returns NAME@VERSION (the other ranks return None).
+    ``nproc`` > 1 (``--local``): this one process trains the member on N local MPI ranks."""
+    from hpc.dist.world import world_from_env
+
+    rank = world_from_env().rank
+    return _runner(spec_path, overrides, registry_root, log=print if rank == 0 else (lambda s: None),
+                   rank=rank, nproc=nproc).train_task(index)
 
 
 def combine_task(spec_path: str, overrides: Sequence[str], registry_root: str) -> dict:
@@ -43,16 +51,6 @@ def combine_task(spec_path: str, overrides: Sequence[str], registry_root: str) -
     res = _runner(spec_path, overrides, registry_root).run()
     return {"state": "completed", "ensemble": res.ensemble_ref, "members": [m.ref for m in res.members],
             "metrics": res.metrics, "run_dir": str(res.work_dir)}
-
-
-def _check_layout(res) -> None:
-    if res.ntasks > 1 and not trainer_takes_hook():
-        raise ValueError(f"--nodes x --tasks-per-node = {res.ntasks}: ensemble members run on one Slurm "
-                         "task each until the trainer reads data.sample_weights/data.targets_from from "
-                         "its config (docs/ensembles.md); drop --nodes/--tasks-per-node")
-    if res.ntasks > 1:
-        raise ValueError(f"--nodes x --tasks-per-node = {res.ntasks}: multi-rank members are not wired "
-                         "into the ensemble tasks yet (registration must happen on rank 0 only); use 1")
 
 
 def submit_ensemble(spec_path: str, overrides: Sequence[str], res, mode: str = "slurm",
@@ -67,14 +65,15 @@ def submit_ensemble(spec_path: str, overrides: Sequence[str], res, mode: str = "
     root = str(Path(registry_root or os.environ.get("HPC_REGISTRY") or "registry").resolve())
     runner = _runner(spec_path, overrides, root, log=lambda s: None)  # validates spec and base config
     res.check()
-    _check_layout(res)
     if res.name == "hpc":
         res.name = runner.spec.name
-    res.mpi = False  # one rank per member task (see _check_layout)
+    # each member task runs on res.ntasks ranks, as `hpc submit train` does (srun --mpi=pmix for MPI)
+    res.mpi = runner.base_config.dist.backend in ("auto", "mpi", "horovod")
     folder = (runner.work / LOG_DIR / "%j").resolve()
     n_parallel = runner.parallel_tasks()
-    small = replace(res, gpus_per_node=0, name=f"{res.name}-combine")
+    small = replace(res, nodes=1, tasks_per_node=1, gpus_per_node=0, mpi=False, name=f"{res.name}-combine")
     args = (spec_path, list(overrides), root)
+    nproc = res.ntasks if mode == "local" else 1
     if dry_run:
         if n_parallel:
             parts = [("members (job array)", res, n_parallel)]
@@ -89,14 +88,14 @@ def submit_ensemble(spec_path: str, overrides: Sequence[str], res, mode: str = "
     jobs, stages = [], []
     if n_parallel:
         jobs = run_jobs(make_executor(mode, folder, res), mode,
-                        [(member_task, (*args, i)) for i in range(n_parallel)])
+                        [(member_task, (*args, i, nproc)) for i in range(n_parallel)])
         stages = [f"member {i}" for i in range(n_parallel)]
         after = str(jobs[0].job_id).split("_")[0]  # afterok on the array id: every task succeeded
     else:
         after = None
         for k in range(runner.spec.boosting.rounds):
             r = replace(res, dependency=f"afterok:{after}") if after and mode == "slurm" else res
-            [job] = run_jobs(make_executor(mode, folder, r), mode, [(member_task, (*args, k))])
+            [job] = run_jobs(make_executor(mode, folder, r), mode, [(member_task, (*args, k, nproc))])
             if mode != "slurm":
                 job.result()  # local/debug executors know no dependencies: run the chain in order
             jobs.append(job)

@@ -37,12 +37,18 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
     if tp is Any:
         return value
     if origin in (Union, types.UnionType):
-        errors = []
-        for arg in typing.get_args(tp):
+        args = typing.get_args(tp)
+        errors = {}
+        for arg in args:
             try:
                 return _coerce(value, arg, where)
             except ValueError as e:
-                errors.append(e)
+                errors[arg] = e
+        # `X | None` given a non-null value: X's own error (e.g. the unknown key inside a section)
+        # says more than "expected mapping | null".
+        rest = [a for a in args if a is not type(None)]
+        if value is not None and len(rest) == 1:
+            raise errors[rest[0]]
         raise ValueError(f"{where}: {value!r} is not a valid value; expected {_type_name(tp)}")
     if tp is type(None):
         if value is None:

@@ -13,6 +13,23 @@ from hpc.train.config import TrainConfig
 TARGET = {"classification": "y", "regression": "y", "ratings": "rating"}
 
 
+class TargetsReader:
+    """The training reader with each batch's targets replaced by the row's override
+    (``data.targets_from``: boosting rounds on residuals)."""
+
+    def __init__(self, reader, fn, field: str):
+        self._reader, self._fn, self._field = reader, fn, field
+
+    def __getattr__(self, name):  # set_epoch, batches_per_epoch, state_dict, manifest, ...
+        return getattr(self._reader, name)
+
+    def __iter__(self):
+        from hpc.ensemble.hooks import apply_targets
+
+        for batch in self._reader:
+            yield apply_targets(batch, self._fn, self._field)
+
+
 @dataclasses.dataclass
 class Data:
     """What the trainer needs from the data layer (``load_data``) or from a test/benchmark."""
@@ -49,7 +66,6 @@ def load_data(cfg: TrainConfig, rank: int, world_size: int) -> Data:
                             remainder=d.remainder, augment=d.augment, **hook, **common)
     if d.targets_from:
         from hpc.ensemble.hooks import targets_fn
-        from hpc.ensemble.member import TargetsReader
 
         train = TargetsReader(train, targets_fn(d.targets_from, manifest.total_samples),
                                TARGET[manifest.task])

@@ -232,7 +232,14 @@ def test_ensemble_lineage_and_cli(reg, tmp_path, capsys):
                  "--combine", "vote", "--registry", r]) == 0
     assert main(["registry", "show", "ens@1", "--registry", r]) == 0
     out = capsys.readouterr().out
-    assert "member:          a@1" in out and "member:          b@1" in out
+    a1, b1 = "a@1 (mlp) val.accuracy=0.6 test.accuracy=0.59", "b@1 (mlp) val.accuracy=0.7 test.accuracy=0.69"
+    assert f"    vote of 2\n      {a1}\n      {b1}\n" in out
+    # an ensemble of an ensemble: `show` prints the tree, the inner ensemble expanded
+    assert main(["registry", "add", "--name", "ens2", "--ensemble", "ens@1,a@1", "--registry", r]) == 0
+    assert main(["registry", "show", "ens2@1", "--registry", r]) == 0
+    out = capsys.readouterr().out
+    assert (f"    mean of 2\n      ens@1 (ensemble)\n        vote of 2\n          {a1}\n          {b1}\n"
+            f"      {a1}\n") in out
     assert main(["registry", "show", "a@production", "--registry", r]) == 0
     out = capsys.readouterr().out
     assert str(a.resolve()) in out and "ab" * 32 in out  # lineage: run directory, data manifest

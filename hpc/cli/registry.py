@@ -72,13 +72,56 @@ def _promote(args) -> int:
     return 0
 
 
-def _fmt_metrics(metrics: dict) -> str:
-    parts = []
-    for split in ("val", "test"):
-        for k, v in sorted((metrics.get(split) or {}).items()):
-            if isinstance(v, (int, float)):
-                parts.append(f"{split}.{k}={v:.4g}")
-    return " ".join(parts[:4])
+def _fmt_metrics(metrics: dict, limit: int = 4) -> str:
+    """The headline metrics first (accuracy/rmse, val then test), then the rest; no sample counts."""
+    order = {"accuracy": 0, "rmse": 0, "mae": 1, "loss": 2}
+    items = []
+    for si, split in enumerate(("val", "test")):
+        for k, v in (metrics.get(split) or {}).items():
+            if isinstance(v, (int, float)) and k != "samples":
+                items.append((order.get(k, 3), si, k, f"{split}.{k}={v:.4g}"))
+    return " ".join(t[-1] for t in sorted(items)[:limit])
+
+
+def _headline(card: dict) -> dict:
+    """split -> {metric: value}: a single model's metrics, or an ensemble's own."""
+    m = card.get("metrics") or {}
+    return {split: (v.get("ensemble", v) if isinstance(v, dict) else v) for split, v in m.items()}
+
+
+def ensemble_tree(card: dict, card_of, _depth: int = 0) -> list[str]:
+    """An ensemble card as an indented tree: members (grouped per level-0 model for stacking,
+    with their weights), nested ensembles expanded, and the meta-model. ``card_of(ref)`` reads
+    a member's card."""
+    ens = card.get("ensemble") or {}
+    members, weights = card["members"], ens.get("weights")
+    groups = ens.get("groups") or [[i] for i in range(len(members))]
+
+    def leaf(i: int) -> list[str]:
+        m = members[i]
+        ref = f"{m['name']}@{m['version']}"
+        w = f", weight {weights[i]:.4g}" if weights else ""
+        head = [f"{ref} ({m.get('family')}{w}) {_fmt_metrics(_headline(m), 2)}".rstrip()]
+        if m.get("family") == "ensemble" and _depth < 8:
+            head += ["  " + t for t in ensemble_tree(card_of(ref), card_of, _depth + 1)]
+        return head
+
+    method = (card.get("lineage") or {}).get("method") or ens.get("method")
+    if method != ens.get("method"):
+        method = f"{method} (combined: {ens.get('method')})"
+    out = [f"{method} of {len(groups) if len(groups) < len(members) else len(members)}"
+           + (f" x {len(groups[0])} folds" if len(groups) < len(members) else "")]
+    for g, idx in enumerate(groups):
+        if len(idx) > 1:
+            out.append(f"  level-0 model {g} (mean of {len(idx)} fold members)")
+            out += ["    " + t for i in idx for t in leaf(i)]
+        else:
+            out += ["  " + t for t in leaf(idx[0])]
+    if ens.get("meta"):
+        meta = ens["meta"]
+        out.append(f"  meta-model: {meta.get('kind')} ({meta.get('in_dim')} -> {meta.get('out_dim')}, "
+                   "meta.safetensors)")
+    return out
 
 
 def _list(args) -> int:
@@ -91,7 +134,7 @@ def _list(args) -> int:
         return 0 if not args.name else 2
     print(format_table(["name", "version", "kind", "family", "aliases", "metrics", "registered"],
                        [[r["name"], r["version"], r["kind"], r["family"], ",".join(r["aliases"]),
-                         _fmt_metrics(r["metrics"]), r["time"]] for r in rows]))
+                         _fmt_metrics(_headline(r)), r["time"]] for r in rows]))
     return 0
 
 
@@ -106,14 +149,10 @@ def _show(args) -> int:
              f"{', '.join(card['aliases']) or 'none'}; checksums OK)",
              f"  family:          {(card.get('model') or {}).get('family')}",
              f"  config:          {json.dumps((card.get('model') or {}).get('config'), sort_keys=True)}",
-             f"  metrics:         {json.dumps(card.get('metrics'), sort_keys=True)}"]
+             f"  metrics:         {_fmt_metrics(_headline(card))}"]
     if card["kind"] == "ensemble":
-        ens = card.get("ensemble") or {}
-        lines.append(f"  combine:         {ens.get('method')}"
-                     + (f" (weights {ens['weights']})" if ens.get("weights") else ""))
-        for m in card["members"]:
-            lines.append(f"  member:          {m['name']}@{m['version']} ({m.get('family')}, "
-                         f"model.json sha256 {m['model_json_sha256'][:12]})")
+        lines.append("  tree:")
+        lines += ["    " + t for t in ensemble_tree(card, reg.card)]
     else:
         lines += [f"  run directory:   {lin.get('run_dir')} (weights: {lin.get('source')})",
                   f"  data manifest:   {data.get('dir')} (sha256 {data.get('manifest_sha256')})",

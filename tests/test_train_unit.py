@@ -43,6 +43,8 @@ def test_config_defaults_overrides_and_yaml(tmp_path):
     (["optim.nesterov=true"], r"nesterov: needs name=sgd and momentum > 0"),
     (["model.config.widths=[4]"], r"config\.model\.config: unknown key 'widths'; valid keys: input"),
     (["kernels=fast"], r"'fast' is not one of 'auto', 'torch', 'cupy'"),
+    (["optim.fused=fast"], r"config\.optim\.fused: 'fast' is not a valid value; expected bool \| 'auto' \| 'cupy'"),
+    (["optim.fused=cupy", "optim.weight_decay=0.1"], r"optim\.fused: .* with fused: cupy"),
     (["monitor.hang_s=400"], r"monitor\.hang_s: must be below dist\.timeout_s=300"),
     (["lr"], r"expected key=value"),
     # an optional section (`X | None`) reports its own error, not "expected mapping | null"
@@ -62,6 +64,29 @@ def test_config_hash_ignores_names_and_paths_only():
 
 def test_apply_overrides_creates_nested_keys():
     assert apply_overrides({"a": 1}, ["b.c.d=[1, 2]", "a=x"]) == {"a": "x", "b": {"c": {"d": [1, 2]}}}
+
+
+@pytest.mark.parametrize("fused,step", [(False, "torch.optim"), (True, "torch"), ("auto", "torch"),
+                                        ("torch", "torch")])
+def test_optim_fused_picks_the_optimizer_and_its_step_path(monkeypatch, fused, step):
+    from hpc.models import ops
+    from hpc.train.optim import build_optimizer
+
+    monkeypatch.setattr(ops, "_mode", "torch")
+    opt = build_optimizer(torch.nn.Linear(3, 2), OptimConfig(name="adamw", lr=0.1, fused=fused))
+    assert getattr(opt, "kernel_path", "torch.optim") == step
+    assert isinstance(opt, ops.FusedAdam) == (fused is not False)
+
+
+def test_optim_fused_cupy_without_cupy_says_why(monkeypatch):
+    """optim.fused=cupy pins the optimizer to the kernel; where it cannot run, the error says why."""
+    from hpc.models import ops
+    from hpc.train.optim import build_optimizer
+
+    monkeypatch.setattr(ops, "_cupy_reason", "CUDA is not available to PyTorch (test)")
+    with pytest.raises(ValueError, match=r"optim\.fused='cupy': FusedSGD: kernels='cupy' cannot run here: "
+                                         r"CUDA is not available to PyTorch \(test\); use 'auto' or 'torch'"):
+        build_optimizer(torch.nn.Linear(3, 2), OptimConfig(fused="cupy"))
 
 
 # -- schedules (pure) -------------------------------------------------------------------------------

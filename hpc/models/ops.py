@@ -205,7 +205,15 @@ class _FlatOptimizer(torch.optim.Optimizer):
     (never sets it to None). A gradient that was replaced by another tensor is copied back in.
     """
 
-    def __init__(self, params: Iterable[torch.nn.Parameter], defaults: dict):
+    def __init__(self, params: Iterable[torch.nn.Parameter], defaults: dict, kernels: str | None = None):
+        # kernels: None follows set_kernels(); "cupy" or "torch" pins this optimizer's step to one path
+        # (the trainer's optim.fused=cupy|torch), whatever the layers use.
+        if kernels not in (None, "auto", "cupy", "torch"):
+            raise ValueError(f"{type(self).__name__}: kernels={kernels!r}: must be one of auto, cupy, torch")
+        if kernels == "cupy" and _cupy_missing() is not None:
+            raise ValueError(f"{type(self).__name__}: kernels='cupy' cannot run here: {_cupy_missing()}; "
+                             "use 'auto' or 'torch'")
+        self._kernels = None if kernels == "auto" else kernels
         params = [p for p in params]
         if params and isinstance(params[0], dict):
             raise ValueError(f"{type(self).__name__}: parameter groups are not supported; pass one list of parameters")
@@ -255,7 +263,14 @@ class _FlatOptimizer(torch.optim.Optimizer):
                 gv.copy_(g)
                 p.grad = gv
 
+    @property
+    def kernel_path(self) -> str:
+        """'cupy' or 'torch': what the next step runs on."""
+        return "cupy" if self._use_cupy() else "torch"
+
     def _use_cupy(self) -> bool:
+        if self._kernels is not None:
+            return self._kernels == "cupy"  # the kernel wrapper checks device/dtype and says what is wrong
         return _use_cupy(self.flat_param)
 
 
@@ -264,12 +279,13 @@ class FusedAdam(_FlatOptimizer):
     the same update as ``torch.optim.Adam``/``AdamW`` (no amsgrad), over one flat buffer."""
 
     def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
-                 weight_decay: float = 0.0, adamw: bool = True):
+                 weight_decay: float = 0.0, adamw: bool = True, kernels: str | None = None):
         if not lr >= 0.0 or not eps >= 0.0 or not weight_decay >= 0.0:
             raise ValueError(f"FusedAdam: lr={lr}, eps={eps}, weight_decay={weight_decay}: all must be >= 0")
         if not (0.0 <= betas[0] < 1.0 and 0.0 <= betas[1] < 1.0):
             raise ValueError(f"FusedAdam: betas={betas}: each must be in [0, 1)")
-        super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, adamw=adamw))
+        super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, adamw=adamw),
+                         kernels)
         self.exp_avg = torch.zeros_like(self.flat_param)
         self.exp_avg_sq = torch.zeros_like(self.flat_param)
 
@@ -320,13 +336,13 @@ class FusedSGD(_FlatOptimizer):
     ``torch.optim.SGD`` (the first step's momentum buffer is the gradient itself), over one flat buffer."""
 
     def __init__(self, params, lr: float = 1e-2, momentum: float = 0.0, dampening: float = 0.0,
-                 weight_decay: float = 0.0, nesterov: bool = False):
+                 weight_decay: float = 0.0, nesterov: bool = False, kernels: str | None = None):
         if not lr >= 0.0 or not momentum >= 0.0 or not weight_decay >= 0.0:
             raise ValueError(f"FusedSGD: lr={lr}, momentum={momentum}, weight_decay={weight_decay}: all must be >= 0")
         if nesterov and (momentum <= 0.0 or dampening != 0.0):
             raise ValueError("FusedSGD: nesterov=True needs momentum > 0 and dampening == 0")
         super().__init__(params, dict(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
-                                      nesterov=nesterov))
+                                      nesterov=nesterov), kernels)
         self.momentum_buffer = torch.zeros_like(self.flat_param) if momentum != 0.0 else None
 
     @torch.no_grad()

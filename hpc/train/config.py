@@ -91,7 +91,10 @@ class OptimConfig:
     step_size: int = 1000              # schedule=step: multiply by gamma every step_size steps
     gamma: float = 0.1
     min_lr: float = 0.0                # schedule=cosine: the floor
-    fused: bool = False                # one flat-buffer optimizer from hpc.models.ops (CuPy on GPU)
+    # One flat-buffer optimizer from hpc.models.ops (one launch for all parameters). false: torch.optim;
+    # true/auto: its step follows `kernels`; cupy: always the CuPy kernel (an error without CUDA/CuPy);
+    # torch: whole-buffer torch ops even where the layers run CuPy kernels.
+    fused: bool | Literal["auto", "cupy", "torch"] = False
     clip_grad_norm: float = 0.0        # 0 = off
 
     def check(self, where: str) -> None:
@@ -110,7 +113,7 @@ class OptimConfig:
         require(self.clip_grad_norm >= 0, f"{where}.clip_grad_norm", "must be >= 0")
         require(not (self.fused and self.decay_bias_and_norm is False and self.weight_decay > 0),
                 f"{where}.fused", "the fused optimizer has one parameter group: set "
-                "decay_bias_and_norm: true (or weight_decay: 0) with fused: true")
+                f"decay_bias_and_norm: true (or weight_decay: 0) with fused: {str(self.fused).lower()}")
 
 
 @dataclass

@@ -58,11 +58,15 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig, world_size: int = 1) -> 
         from hpc.models import ops
 
         params = [p for p in model.parameters() if p.requires_grad]
-        if cfg.name == "sgd":
-            return ops.fused_optimizer("sgd", params, lr=lr, momentum=cfg.momentum,
-                                       weight_decay=cfg.weight_decay, nesterov=cfg.nesterov)
-        return ops.fused_optimizer(cfg.name, params, lr=lr, betas=tuple(cfg.betas), eps=cfg.eps,
-                                   weight_decay=cfg.weight_decay)
+        kernels = None if cfg.fused is True else cfg.fused
+        try:
+            if cfg.name == "sgd":
+                return ops.fused_optimizer("sgd", params, lr=lr, momentum=cfg.momentum,
+                                           weight_decay=cfg.weight_decay, nesterov=cfg.nesterov, kernels=kernels)
+            return ops.fused_optimizer(cfg.name, params, lr=lr, betas=tuple(cfg.betas), eps=cfg.eps,
+                                       weight_decay=cfg.weight_decay, kernels=kernels)
+        except ValueError as e:
+            raise ValueError(f"optim.fused={cfg.fused!r}: {e}") from None
     groups = param_groups(model, cfg)
     if cfg.name == "sgd":
         return torch.optim.SGD(groups, lr=lr, momentum=cfg.momentum, nesterov=cfg.nesterov)

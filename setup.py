@@ -32,6 +32,9 @@ setup(
     extras_require={
         "gpu": ["cupy-cuda12x>=13"],
         "gpu-cuda13": ["cupy-cuda13x>=13"],
+        # CI's NVRTC compile check of kernels/ (no GPU needed): CuPy and the NVRTC library wheel.
+        # Not in "test": a CUDA 12 site with cupy-cuda12x would get two CuPy packages.
+        "kernel-check": ["cupy-cuda13x>=13", "nvidia-cuda-nvrtc>=13,<14"],
         "horovod": ["horovod>=0.28.1"],
         "sklearn": ["scikit-learn>=1.2"],
         "report": ["matplotlib>=3.7"],

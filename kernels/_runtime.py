@@ -113,6 +113,41 @@ def _include_opts() -> tuple[str, ...]:
     return ()
 
 
+def module_source(source: str) -> str:
+    """The code of one compiled module: kernels/common.cuh, then kernels/<source>."""
+    return (_HERE / "common.cuh").read_text() + "\n" + (_HERE / source).read_text()
+
+
+def nvrtc_check(modules, arch: str = "compute_90") -> list[dict]:
+    """Compile each (source, ctype, template instances) of ``modules`` (``kernels.catalog()``) with the
+    NVRTC that CuPy loads, with RawModule's options (ours, plus what it adds: CuPy's headers,
+    -std=c++17, device code by default) for ``arch``. Needs CuPy and NVRTC, not a GPU or a driver, so
+    it runs on a login node or in CI: it catches what nvcc does not (NVRTC has no host headers) and
+    checks that every instance the wrappers launch resolves to a kernel. A failure is a ValueError
+    naming the module with NVRTC's log. Returns one dict per module."""
+    cp = cupy()
+    nvrtc = cp.cuda.nvrtc
+    opts = (*_include_opts(), f"-I{Path(cp.__file__).parent / '_core' / 'include'}", "--std=c++17",
+            f"-arch={arch}", "--device-as-default-execution-space")
+    out = []
+    for source, ctype, exprs in modules:
+        prog = nvrtc.createProgram(module_source(source), source, (), ())
+        try:
+            for e in exprs:
+                nvrtc.addNameExpression(prog, e)
+            try:
+                nvrtc.compileProgram(prog, opts)
+            except nvrtc.NVRTCError as e:
+                raise ValueError(f"kernels/{source} ({ctype}) does not compile with NVRTC {nvrtc.getVersion()} "
+                                 f"for {arch}: {e}\n{nvrtc.getProgramLog(prog)}") from None
+            lowered = {e: nvrtc.getLoweredName(prog, e) for e in exprs}
+            out.append({"source": source, "ctype": ctype, "instances": len(exprs), "lowered": lowered,
+                        "ptx_bytes": len(nvrtc.getPTX(prog))})
+        finally:
+            nvrtc.destroyProgram(prog)
+    return out
+
+
 def function(source: str, ctype: str, exprs, expr: str):
     """The compiled kernel ``expr`` of ``kernels/<source>`` for one storage type, compiled once per
     (source, ctype, device) with all of ``exprs`` (the template instances that type uses; a list, or
@@ -130,9 +165,8 @@ def function(source: str, ctype: str, exprs, expr: str):
         mod = _modules.get(mkey)
         if mod is None:
             cp = cupy()
-            code = (_HERE / "common.cuh").read_text() + "\n" + (_HERE / source).read_text()
             # No -std option: the code needs only C++11, below NVRTC's default, and CuPy may add its own.
-            mod = cp.RawModule(code=code, options=_include_opts(), name_expressions=exprs)
+            mod = cp.RawModule(code=module_source(source), options=_include_opts(), name_expressions=exprs)
             _modules[mkey] = mod
         with cupy().cuda.Device(dev):
             fn = mod.get_function(expr)

@@ -1,7 +1,8 @@
 """Shared test helpers: real mpiexec subprocesses and the real local Slurm cluster.
 
 In CI (``CI=true``) or with ``HPC_REQUIRE_CLUSTER=1`` a test that needs MPI or Slurm fails instead of
-skipping, and the session fails if any `mpi`/`slurm`-marked test was skipped: CI must run them.
+skipping, and the session fails if any `mpi`/`slurm`-marked test was skipped: CI must run them. Under
+``CI=true`` the same holds for `nvrtc` (.ci/run installs the kernel-check extra it needs).
 """
 
 from __future__ import annotations
@@ -74,15 +75,17 @@ def slurm_cluster():
 
 
 def pytest_sessionfinish(session, exitstatus):
-    if not REQUIRE_CLUSTER:
+    # CI also installs the kernel-check extra (.ci/run), so its NVRTC compile test must run there.
+    enforced = (("mpi", "slurm") if REQUIRE_CLUSTER else ()) + (("nvrtc",) if os.environ.get("CI") == "true" else ())
+    if not enforced:
         return
     reporter = session.config.pluginmanager.get_plugin("terminalreporter")
     if reporter is None:
         return
     skipped = [r for r in reporter.stats.get("skipped", [])
-               if any(k in getattr(r, "keywords", {}) for k in ("mpi", "slurm"))]
+               if any(k in getattr(r, "keywords", {}) for k in enforced)]
     if skipped:
-        reporter.write_line(f"FAIL: {len(skipped)} mpi/slurm tests were skipped; CI must run them:", red=True)
+        reporter.write_line(f"FAIL: {len(skipped)} {'/'.join(enforced)} tests were skipped; CI must run them:", red=True)
         for r in skipped:
             reporter.write_line(f"  {r.nodeid}")
         session.exitstatus = 1

@@ -253,11 +253,10 @@ def test_kernels_compile_for_sm90_without_spills(tmp_path):
     by_src: dict[str, list[str]] = {}
     for src, _ct, exprs in kernels.catalog():
         by_src.setdefault(src, []).extend(exprs)
-    common = (KDIR / "common.cuh").read_text()
     procs = []
     for src, exprs in by_src.items():
         # Taking each instance's address makes nvcc instantiate it, as NVRTC's name expressions do.
-        code = common + "\n" + (KDIR / src).read_text() + "\nvoid* hpc_instances[] = {\n" + \
+        code = rt.module_source(src) + "\nvoid* hpc_instances[] = {\n" + \
             ",\n".join(f"(void*)&{e}" for e in exprs) + "};\n"
         f = tmp_path / src
         f.write_text(code)
@@ -277,6 +276,32 @@ def test_kernels_compile_for_sm90_without_spills(tmp_path):
             if m and cur and "_reg" in cur and int(m.group(1)) > 64:
                 spills.append((cur, line.strip()))
     assert not spills, f"register-resident row kernels spill (lower MAX_NPT in kernels/_runtime.py): {spills}"
+
+
+def _nvrtc_ready() -> None:
+    try:
+        import cupy
+
+        cupy.cuda.nvrtc.getVersion()
+    except Exception as e:  # ImportError, or CuPy's error when it cannot load libnvrtc
+        pytest.skip(f"CuPy with NVRTC is not installed ({type(e).__name__}: {e}); CI installs it: "
+                    "pip install -e .[kernel-check]")
+
+
+@pytest.mark.nvrtc
+def test_kernels_compile_with_cupys_nvrtc():
+    """What RawModule hands NVRTC on the GPU, compiled here without one: every module, every dtype,
+    every template instance the wrappers launch resolves to a mangled kernel name."""
+    _nvrtc_ready()
+    mods = kernels.catalog()
+    res = rt.nvrtc_check(mods, arch="compute_90")
+    assert [(r["source"], r["ctype"]) for r in res] == [(src, ct) for src, ct, _ in mods]
+    for r, (_src, _ct, exprs) in zip(res, mods):
+        assert set(r["lowered"]) == set(exprs) and r["ptx_bytes"] > 1000
+        assert all(name.startswith("_Z") for name in r["lowered"].values())  # a real instantiated symbol
+    with pytest.raises(ValueError, match=r"(?s)kernels/optim\.cu \(float\) does not compile with NVRTC "
+                                         r".*identifier \"adam_stp\" is undefined"):
+        rt.nvrtc_check([("optim.cu", "float", ["adam_stp<float, 4>"])])
 
 
 # ---------------------------------------------------------------------------------------------- numerics

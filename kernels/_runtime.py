@@ -244,10 +244,43 @@ def smem_optin() -> int:
     return n
 
 
+# Static shared memory a dynamic-shared-memory kernel may use besides (ce_fwd_smem: two [32] arrays of
+# the accumulator type, <= 512 B): the per-block limit covers static + dynamic, so a row may take at
+# most smem_optin() - STATIC_SMEM_RESERVE bytes.
+STATIC_SMEM_RESERVE = 1024
+_smem_allowed: dict = {}
+
+
 def allow_smem(fn, nbytes: int) -> None:
-    """Raise ``fn``'s dynamic shared memory limit to ``nbytes`` (above 48 KB a kernel must opt in)."""
-    if nbytes > 48 * 1024 and fn.max_dynamic_shared_size_bytes < nbytes:
-        fn.max_dynamic_shared_size_bytes = nbytes
+    """Let ``fn`` launch with ``nbytes`` of dynamic shared memory on PyTorch's current device.
+
+    Without the opt-in a kernel may take 48 KB minus its static shared memory, so the opt-in is
+    needed whenever ``nbytes`` is above the function's current limit, not only above 48 KB. The
+    attribute belongs to the function as loaded on one device, so it is set under torch's current
+    device, as ``launch`` launches it; the limit reached is cached (no driver query per call)."""
+    dev = torch.cuda.current_device()
+    key = (id(fn), dev)
+    if _smem_allowed.get(key, -1) >= nbytes:
+        return
+    with cupy().cuda.Device(dev):
+        if fn.max_dynamic_shared_size_bytes < nbytes:
+            fn.max_dynamic_shared_size_bytes = nbytes
+        _smem_allowed[key] = fn.max_dynamic_shared_size_bytes
+
+
+# The row kernels step an `int` column counter by up to 512 threads: rows stay clear of INT_MAX.
+# One block per row: at most 2**31 - 1 rows (gridDim.x).
+MAX_ROW_LEN = 2**31 - 1024
+MAX_ROWS = 2**31 - 1
+
+
+def check_rows(op: str, rows: int, row_len: int, what: str) -> None:
+    """A ValueError naming the op when a row kernel cannot take ``rows`` rows of ``row_len``."""
+    if row_len > MAX_ROW_LEN:
+        raise ValueError(f"{op}: {what} {row_len}: at most {MAX_ROW_LEN} (2**31 - 1024) supported")
+    if rows > MAX_ROWS:
+        raise ValueError(f"{op}: {rows} rows: at most 2**31 - 1 supported (one CUDA block per row); "
+                         "split the input")
 
 
 def sm_count() -> int:

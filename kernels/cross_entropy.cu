@@ -77,7 +77,7 @@ __global__ void __launch_bounds__(512) ce_fwd_reg(const T* __restrict__ logits, 
 // Any C: one streaming pass with an online log-sum-exp, then a second pass for the gradient (which
 // usually finds the row in L2).
 template <typename T>
-__global__ void ce_fwd_stream(const T* __restrict__ logits, const i64* __restrict__ target, int C,
+__global__ void __launch_bounds__(512) ce_fwd_stream(const T* __restrict__ logits, const i64* __restrict__ target, int C,
                               i64 ignore_index, typename Acc<T>::type smoothing,
                               typename Acc<T>::type* __restrict__ loss, T* __restrict__ grad,
                               const typename Acc<T>::type* __restrict__ scale, i64 scale_stride) {

@@ -41,7 +41,7 @@ def rows(logits, target, ignore_index, smoothing, loss, grad, scale, stride) -> 
     smem = 0
     if npt:
         fn = _fn(logits.dtype, f"ce_fwd_reg<{{ct}}, {npt}>")
-    elif C * logits.element_size() <= min(SMEM_ROW_MAX_BYTES, rt.smem_optin()):
+    elif C * logits.element_size() <= min(SMEM_ROW_MAX_BYTES, rt.smem_optin() - rt.STATIC_SMEM_RESERVE):
         smem = C * logits.element_size()
         fn = _fn(logits.dtype, "ce_fwd_smem<{ct}>")
         rt.allow_smem(fn, smem)
@@ -124,6 +124,5 @@ def softmax_cross_entropy(logits: torch.Tensor, target: torch.Tensor, ignore_ind
     if target.shape[0] != logits.shape[0]:
         raise ValueError(f"{op}: target has {target.shape[0]} rows but logits {tuple(logits.shape)} has "
                          f"{logits.shape[0]}")
-    if logits.shape[1] >= 2**31:
-        raise ValueError(f"{op}: {logits.shape[1]} classes: at most 2**31 - 1 supported")
+    rt.check_rows(op, logits.shape[0], logits.shape[1], "classes")
     return SoftmaxCrossEntropy.apply(logits, target.long(), int(ignore_index), float(label_smoothing), reduction)

@@ -49,7 +49,7 @@ __global__ void __launch_bounds__(512) ln_fwd_reg(const T* __restrict__ x, const
 }
 
 template <typename T>
-__global__ void ln_fwd_stream(const T* __restrict__ x, const T* __restrict__ w, const T* __restrict__ b,
+__global__ void __launch_bounds__(512) ln_fwd_stream(const T* __restrict__ x, const T* __restrict__ w, const T* __restrict__ b,
                               T* __restrict__ y, typename Acc<T>::type* __restrict__ mean_out,
                               typename Acc<T>::type* __restrict__ rstd_out, int D, typename Acc<T>::type eps) {
     typedef typename Acc<T>::type A;
@@ -139,7 +139,7 @@ __global__ void __launch_bounds__(512) ln_bwd_reg(const T* __restrict__ g, const
 // Any D: three passes over the row; the partial sums live in pw/pb[blockIdx.x, :] (zeroed by the
 // caller), each element of which only this block and this thread touch, so += is race-free.
 template <typename T>
-__global__ void ln_bwd_stream(const T* __restrict__ g, const T* __restrict__ x, const T* __restrict__ w,
+__global__ void __launch_bounds__(512) ln_bwd_stream(const T* __restrict__ g, const T* __restrict__ x, const T* __restrict__ w,
                               const typename Acc<T>::type* __restrict__ mean,
                               const typename Acc<T>::type* __restrict__ rstd, T* __restrict__ gx,
                               typename Acc<T>::type* __restrict__ pw, typename Acc<T>::type* __restrict__ pb,

@@ -191,6 +191,86 @@ def test_wrapper_input_checks_name_the_problem(fake):
         kernels.layer_norm(x, torch.ones(6, dtype=torch.float64), None)
 
 
+def test_shared_memory_rows_leave_room_for_static_shared_memory(fake, monkeypatch):
+    """A row goes to the shared-memory kernel only if it fits beside the kernel's static shared memory
+    (T4: 64 KB opt-in; fp16 C=32768 is exactly 64 KB, so it must stream)."""
+    monkeypatch.setattr(rt, "smem_optin", lambda: 64 * 1024)
+    for C, kernel in ((32000, "ce_fwd_smem"), (32768, "ce_fwd_stream")):
+        fake.calls.clear()
+        kernels.softmax_cross_entropy(torch.randn(2, C).half(), torch.tensor([0, 1]), reduction="sum")
+        assert [fn[2].split("<")[0] for fn, *_ in fake.calls] == [kernel], C
+
+
+def test_allow_smem_opts_in_above_the_current_limit_on_torchs_device(monkeypatch):
+    """Without the opt-in a kernel gets 48 KB minus its static shared memory: 48 KB of dynamic shared
+    memory already needs it. The attribute is set under torch's current device, once."""
+    import contextlib
+
+    entered, log = [], []
+
+    class Fn:
+        _limit = 48 * 1024 - 256
+
+        @property
+        def max_dynamic_shared_size_bytes(self):
+            log.append("get")
+            return self._limit
+
+        @max_dynamic_shared_size_bytes.setter
+        def max_dynamic_shared_size_bytes(self, n):
+            log.append(("set", n))
+            self._limit = n
+
+    class Cuda:
+        @staticmethod
+        @contextlib.contextmanager
+        def Device(d):
+            entered.append(d)
+            yield
+
+    monkeypatch.setattr(rt, "cupy", lambda: type("cp", (), {"cuda": Cuda}))
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 3)
+    monkeypatch.setattr(rt, "_smem_allowed", {})
+    fn = Fn()
+    rt.allow_smem(fn, 1000)           # under the default limit: nothing to set
+    rt.allow_smem(fn, 48 * 1024)      # exactly 48 KB: above 48 KB - static, so opt in
+    assert log == ["get", "get", "get", ("set", 48 * 1024), "get"] and entered == [3, 3]
+    log.clear()
+    rt.allow_smem(fn, 48 * 1024)      # cached: no driver query on the hot path
+    rt.allow_smem(fn, 2000)
+    assert log == [] and entered == [3, 3]
+
+
+def test_row_limits_are_checked_by_the_wrappers(fake, monkeypatch):
+    with pytest.raises(ValueError, match=r"layer_norm: last dimension 2147482625: at most 2147482624"):
+        rt.check_rows("layer_norm", 1, 2**31 - 1023, "last dimension")
+    with pytest.raises(ValueError, match=r"softmax_cross_entropy: 2147483648 rows: at most 2\*\*31 - 1"):
+        rt.check_rows("softmax_cross_entropy", 2**31, 10, "classes")
+    rt.check_rows("layer_norm", 2**31 - 1, 2**31 - 1024, "last dimension")
+    monkeypatch.setattr(rt, "MAX_ROW_LEN", 8)  # the wrappers ask: a 9-wide row is refused by name
+    with pytest.raises(ValueError, match="layer_norm: last dimension 9: at most 8"):
+        kernels.layer_norm(torch.randn(2, 9), None, None)
+    with pytest.raises(ValueError, match="softmax_cross_entropy: classes 9: at most 8"):
+        kernels.softmax_cross_entropy(torch.randn(2, 9), torch.tensor([0, 1]))
+
+
+def test_embedding_backward_is_deterministic_under_torch_deterministic_mode(fake, monkeypatch):
+    from hpc.models import ops
+
+    monkeypatch.setattr(ops, "_mode", "cupy")
+    idx = torch.tensor([[0, 1], [1, 1]])
+    for det_mode, kernel in ((False, "emb_bwd_atomic"), (True, "emb_bwd_sorted")):
+        fake.calls.clear()
+        was = torch.are_deterministic_algorithms_enabled()
+        torch.use_deterministic_algorithms(det_mode)
+        try:
+            ops.embedding(idx, torch.randn(4, 3, requires_grad=True)).sum().backward()
+        finally:
+            torch.use_deterministic_algorithms(was)
+        names = [fn[2].split("<")[0] for fn, *_ in fake.calls]
+        assert kernel in names and ({"emb_bwd_atomic", "emb_bwd_sorted"} - {kernel}).isdisjoint(names)
+
+
 def test_check_rejects_cpu_tensors_with_advice():
     with pytest.raises(ValueError, match="bias_act: x is on cpu; the CuPy kernels need CUDA tensors"):
         rt.check("bias_act", "x", torch.ones(2))

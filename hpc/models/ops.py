@@ -180,15 +180,17 @@ def embedding(idx: torch.Tensor, weight: torch.Tensor, deterministic: bool = Fal
     """Rows of ``weight`` ([V, D]) at ``idx`` (any shape, int64/int32): result ``idx.shape + [D]``.
 
     ``deterministic=True`` makes the backward (scatter-add into the [V, D] gradient) bitwise
-    reproducible on the CuPy path (sorted segments, no float atomics). PyTorch's own embedding
-    backward (the torch path) is already sort-based and deterministic.
+    reproducible on the CuPy path (sorted segments, no float atomics); so does
+    ``torch.use_deterministic_algorithms(True)``. PyTorch's own embedding backward (the torch path)
+    is already sort-based and deterministic.
     """
     if weight.dim() != 2:
         raise ValueError(f"embedding: weight must be [V, D]; got shape {tuple(weight.shape)}")
     if idx.dtype not in (torch.int64, torch.int32):
         raise ValueError(f"embedding: idx dtype {idx.dtype}: must be torch.int64 or torch.int32")
     if _use_cupy(idx, weight):
-        return _k().embedding(idx, weight, bool(deterministic))
+        det = bool(deterministic) or torch.are_deterministic_algorithms_enabled()
+        return _k().embedding(idx, weight, det)
     return F.embedding(idx, weight)
 
 

@@ -42,7 +42,7 @@ def main(argv: list[str]) -> int:
                 print(f"{e:40s} regs {fn.num_regs:3d} local {local:5d} B max threads {fn.max_threads_per_block}")
                 # the row kernels (register, shared-memory, streaming) always launch 512-thread blocks
                 row = any(k in e for k in ("_reg<", "_smem<", "_stream<"))
-                if row and fn.max_threads_per_block < 512 or "_reg<" in e and local > 64:
+                if (row and fn.max_threads_per_block < 512) or ("_reg<" in e and local > 64):
                     bad += 1
         print("cache dir:", rt.cache_dir(), "| row kernels that cannot run 512 threads or register-resident ones "
               "that spill:", bad)

@@ -85,7 +85,7 @@ def test_optim_fused_cupy_without_cupy_says_why(monkeypatch):
 
     monkeypatch.setattr(ops, "_cupy_reason", "CUDA is not available to PyTorch (test)")
     with pytest.raises(ValueError, match=r"optim\.fused='cupy': FusedSGD: kernels='cupy' cannot run here: "
-                                         r"CUDA is not available to PyTorch \(test\); use 'auto' or 'torch'"):
+                                         r"CUDA is not available to PyTorch \(test\); use kernels='auto' or 'torch'"):
         build_optimizer(torch.nn.Linear(3, 2), OptimConfig(fused="cupy"))
 
 

@@ -48,16 +48,21 @@ def _cupy_missing() -> str | None:
     return _cupy_reason  # type: ignore[return-value]
 
 
-def set_kernels(mode: str) -> None:
-    """Select the kernel path for every op in this module (process-wide)."""
-    global _mode
+def _checked_mode(mode: str) -> str:
+    """``mode`` if it is a kernel mode that can run here; otherwise a ValueError that says why."""
     if mode not in KERNEL_MODES:
         raise ValueError(f"kernels={mode!r}: must be one of {', '.join(KERNEL_MODES)}")
     if mode == "cupy":
         why = _cupy_missing()
         if why is not None:
             raise ValueError(f"kernels='cupy' cannot run here: {why}; use kernels='auto' or 'torch'")
-    _mode = mode
+    return mode
+
+
+def set_kernels(mode: str) -> None:
+    """Select the kernel path for every op in this module (process-wide)."""
+    global _mode
+    _mode = _checked_mode(mode)
 
 
 def get_kernels() -> str:
@@ -208,14 +213,13 @@ class _FlatOptimizer(torch.optim.Optimizer):
     """
 
     def __init__(self, params: Iterable[torch.nn.Parameter], defaults: dict, kernels: str | None = None):
-        # kernels: None follows set_kernels(); "cupy" or "torch" pins this optimizer's step to one path
-        # (the trainer's optim.fused=cupy|torch), whatever the layers use.
-        if kernels not in (None, "auto", "cupy", "torch"):
-            raise ValueError(f"{type(self).__name__}: kernels={kernels!r}: must be one of auto, cupy, torch")
-        if kernels == "cupy" and _cupy_missing() is not None:
-            raise ValueError(f"{type(self).__name__}: kernels='cupy' cannot run here: {_cupy_missing()}; "
-                             "use 'auto' or 'torch'")
-        self._kernels = None if kernels == "auto" else kernels
+        # kernels: None/"auto" follows set_kernels(); "cupy" or "torch" pins this optimizer's step to one
+        # path (the trainer's optim.fused=cupy|torch), whatever the layers use.
+        try:
+            mode = _checked_mode(kernels or "auto")
+        except ValueError as e:
+            raise ValueError(f"{type(self).__name__}: {e}") from None
+        self._kernels = None if mode == "auto" else mode
         params = [p for p in params]
         if params and isinstance(params[0], dict):
             raise ValueError(f"{type(self).__name__}: parameter groups are not supported; pass one list of parameters")

@@ -25,6 +25,7 @@ from hpc.data.reader import iter_shard
 from hpc.data.synth import SynthConfig, synth
 from hpc.data.writer import WriterConfig
 from hpc.infer.job import InferConfig, run as run_job
+from hpc.infer.output import sidecar_path
 from hpc.registry import Registry
 from test_registry import make_run_dir
 
@@ -233,7 +234,10 @@ def test_kill9_of_a_rank_then_rerun_is_byte_identical(world, tmp_path):
                             text=True, env=mpi_env({"HPC_INFER_TEST_DELAY_S": "0.5"}))
     try:
         deadline = time.time() + 120
-        while len(list(b.glob("part-*.parquet"))) < 2 and time.time() < deadline and proc.poll() is None:
+        # A partition is complete once its sidecar is written (after the part file's rename): wait
+        # for two complete ones, or the kill may land between a part file and its sidecar.
+        while (len([s for s in range(len(m.shards)) if sidecar_path(b, s).exists()]) < 2
+               and time.time() < deadline and proc.poll() is None):
             time.sleep(0.05)
         victims = _rank_pids(str(b), 1)
         assert victims and proc.poll() is None, "the run ended before it could be killed"

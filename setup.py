@@ -37,6 +37,8 @@ setup(
         "kernel-check": ["cupy-cuda13x>=13", "nvidia-cuda-nvrtc>=13,<14"],
         "horovod": ["horovod>=0.28.1"],
         "sklearn": ["scikit-learn>=1.2"],
+        # ./scripts/demo.sh: scikit-learn's digits as the data, pandas to read the predictions back.
+        "demo": ["scikit-learn>=1.2", "pandas>=2.0"],
         "report": ["matplotlib>=3.7"],
         "test": [
             "pytest>=7",

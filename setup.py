@@ -6,14 +6,14 @@ about = {}
 exec(Path("hpc/__init__.py").read_text(), about)
 
 setup(
-    name="hpc-suite",
+    name="hpc-model-pipeline",  # "hpc-suite" is taken on PyPI by an unrelated project
     version=about["__version__"],
     description="HPC batch jobs that train and score big models on Slurm clusters and MPI boxes",
     long_description=Path("README.md").read_text(encoding="utf-8"),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=find_packages(include=["hpc", "hpc.*", "kernels", "kernels.*"]),
-    package_data={"kernels": ["*.cu", "*.cuh", "*.h"], "hpc": ["configs/*.yaml", "launch/templates/*"]},
+    packages=find_packages(include=["hpc", "hpc.*"]),
+    package_data={"hpc": ["configs/*.yaml", "launch/templates/*", "kernels/*.cu", "kernels/*.cuh"]},
     include_package_data=True,
     install_requires=[
         "numpy>=1.24",
@@ -32,7 +32,7 @@ setup(
     extras_require={
         "gpu": ["cupy-cuda12x>=13"],
         "gpu-cuda13": ["cupy-cuda13x>=13"],
-        # CI's NVRTC compile check of kernels/ (no GPU needed): CuPy and the NVRTC library wheel.
+        # CI's NVRTC compile check of hpc/kernels/ (no GPU needed): CuPy and the NVRTC library wheel.
         # Not in "test": a CUDA 12 site with cupy-cuda12x would get two CuPy packages.
         "kernel-check": ["cupy-cuda13x>=13", "nvidia-cuda-nvrtc>=13,<14"],
         "horovod": ["horovod>=0.28.1"],

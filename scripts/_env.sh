@@ -42,6 +42,9 @@ if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
   log "installing the suite (editable) with extras [${HPC_EXTRAS:-}]"
   spec="$REPO"
   [ -n "${HPC_EXTRAS:-}" ] && spec="$REPO[$HPC_EXTRAS]"
+  # The distribution was called hpc-suite until that name turned out to be taken on PyPI: an old
+  # editable install of it would provide the same `hpc` package twice.
+  if python -m pip show -q hpc-suite >/dev/null 2>&1; then python -m pip uninstall -y -q hpc-suite >/dev/null 2>&1 || true; fi
   pip_q -e "$spec"
   python -c 'import hpc, torch, h5py, mpi4py, submitit, safetensors, pyarrow' \
     || { echo "error: the install is incomplete (see pip output above)" >&2; exit 1; }

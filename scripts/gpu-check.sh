@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Everything the CuPy kernels need checked on a GPU, in one call (e.g. on the lent device machine):
-#   1. compile every kernel instance with NVRTC through CuPy (python -m kernels._warm) and list
+#   1. compile every kernel instance with NVRTC through CuPy (python -m hpc.kernels._warm) and list
 #      registers / local memory;
 #   2. the `gpu`-marked tests (tests/test_kernels_gpu.py) against the float64 references;
 #   3. `hpc bench kernels --json $OUT/kernels.json` (the table goes to $OUT/bench.txt).
@@ -26,15 +26,15 @@ has() { case " $PHASES " in *" $1 "*) return 0 ;; *) return 1 ;; esac; }
   date -u +%FT%TZ
   nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>&1
   "$PY" -c 'import sys, torch, cupy, numpy; print("python", sys.version.split()[0], "torch", torch.__version__, "cuda", torch.version.cuda, "cupy", cupy.__version__, "numpy", numpy.__version__)' 2>&1
-  git rev-parse HEAD 2>/dev/null; git status --porcelain -- kernels hpc/models/ops.py hpc/bench/kernels.py tests 2>/dev/null | head -20
+  git rev-parse HEAD 2>/dev/null; git status --porcelain -- hpc/kernels hpc/models/ops.py hpc/bench/kernels.py tests 2>/dev/null | head -20
 } >"$OUT/env.txt"
 cat "$OUT/env.txt"
 
 if has compile; then
   echo "== 1. compile (NVRTC via CuPy), 8 modules at a time, then the register report"
   {
-    "$PY" -m kernels._warm --list | timeout "${COMPILE_S:-150}" xargs -P 8 -n 2 "$PY" -m kernels._warm
-    timeout 60 "$PY" -m kernels._warm --report
+    "$PY" -m hpc.kernels._warm --list | timeout "${COMPILE_S:-150}" xargs -P 8 -n 2 "$PY" -m hpc.kernels._warm
+    timeout 60 "$PY" -m hpc.kernels._warm --report
   } >"$OUT/compile.txt" 2>&1
   rc=$?; grep -E "^compiled|cache dir|Error|error" "$OUT/compile.txt" | tail -30; echo "compile rc=$rc"
   [ $rc -eq 0 ] || status=1

@@ -5,7 +5,7 @@
   count, pointer vs scalar, element and scalar types, DLPack export, block and grid limits); the
   kernel cache directory rules; where nvcc is installed, a compile of every template instance for
   sm_90 with a check that the register-resident kernels do not spill (`slow`).
-* numerics, on two backends: `emu` runs the kernels' own CUDA C++ on the CPU (g++ and kernels/_emu.h:
+* numerics, on two backends: `emu` runs the kernels' own CUDA C++ on the CPU (g++ and tests/kernel_emu.h:
   every CUDA thread a fiber, barriers and warp shuffles emulated) through the real Python wrappers, on
   small shapes, wherever g++ and the CUDA headers exist; `gpu` runs them through CuPy on a CUDA device
   (`gpu` marker; skipped without CuPy and a GPU). Both: against the float64 references of
@@ -28,8 +28,8 @@ import numpy as np
 import pytest
 import torch
 
-import kernels
-from kernels import _runtime as rt
+from hpc import kernels
+from hpc.kernels import _runtime as rt
 
 from test_ops_torch import (_randn, _targets, close, ref_bias_act, ref_cross_entropy, ref_embedding_grad,
                              ref_layer_norm)
@@ -392,7 +392,7 @@ def test_kernels_compile_with_cupys_nvrtc():
 
 # ---------------------------------------------------------------------------------------------- numerics
 # The numeric tests run on two backends: "gpu" (the real thing: CuPy + CUDA, `gpu`-marked) and "emu"
-# (the same CUDA C++ compiled with g++ against kernels/_emu.h, each CUDA thread a fiber, on CPU
+# (the same CUDA C++ compiled with g++ against tests/kernel_emu.h, each CUDA thread a fiber, on CPU
 # tensors, through the same Python wrappers; small shapes, grids capped by a 2-SM fake device so the
 # grid-stride loops go round). emu runs wherever g++ and the CUDA headers are (CI has them).
 
@@ -420,7 +420,7 @@ def _backend(name: str, monkeypatch) -> torch.device:
         _gpu_ready()
         monkeypatch.setattr(ops, "_mode", "cupy")
         return torch.device("cuda")
-    from kernels import _emu
+    import kernel_emu as _emu
 
     why = _emu.missing()
     if why:
@@ -471,7 +471,7 @@ EMU_SIZES = [(1, 1), (5, 33), (3, 700), (1, 16390), (1, 41000)]
 @pytest.mark.parametrize("act", ["relu", "gelu", "gelu_tanh"])
 @pytest.mark.parametrize("backend,shape", on([(1, 1), (5, 33), (3, 64)], SIZES))
 def test_bias_act_kernel(monkeypatch, backend, shape, dtype, act):
-    from kernels import bias_act_op as K
+    from hpc.kernels import bias_act_op as K
 
     dev = _backend(backend, monkeypatch)
     x = _randn(shape, dtype, seed=1, scale=2.0).to(dev)
@@ -491,7 +491,7 @@ def test_bias_act_kernel(monkeypatch, backend, shape, dtype, act):
 @pytest.mark.parametrize("backend,case", on([(s, 0.1) for s in EMU_SIZES],
                                             [(s, ls) for s in SIZES for ls in (0.0, 0.1)]))
 def test_cross_entropy_kernel(monkeypatch, backend, case, dtype):
-    from kernels import cross_entropy_op as K
+    from hpc.kernels import cross_entropy_op as K
 
     dev = _backend(backend, monkeypatch)
     shape, smoothing = case
@@ -530,7 +530,7 @@ def test_cross_entropy_kernel(monkeypatch, backend, case, dtype):
 @pytest.mark.parametrize("backend,shape", on([(3, 1), (2, 3, 129), (2, 700), (1, 16390)],
                                              SIZES[1:] + [(2, 3, 129), (2, 70000)]))
 def test_layer_norm_kernel(monkeypatch, backend, shape, dtype, affine):
-    from kernels import layer_norm_op as K
+    from hpc.kernels import layer_norm_op as K
 
     dev = _backend(backend, monkeypatch)
     D = shape[-1]
@@ -557,7 +557,7 @@ def test_layer_norm_kernel(monkeypatch, backend, shape, dtype, affine):
                                             [(1, 1, 1), (10, 3, 20), (50, 130, 3000), (1000, 128, 100000),
                                              (7, 64, 24)]))
 def test_embedding_kernel(monkeypatch, backend, case, dtype):
-    from kernels import embedding_op as K
+    from hpc.kernels import embedding_op as K
 
     dev = _backend(backend, monkeypatch)
     V, D, n = case
@@ -758,7 +758,7 @@ def test_gpu_float16_kernels(gpu, shape):
     w = _randn((50, 64), dt, seed=33).to(gpu)
     idx = torch.randint(0, 50, (300,), device=gpu)
     g = _randn((300, 64), dt, seed=34).to(gpu)
-    from kernels import embedding_op as K
+    from hpc.kernels import embedding_op as K
 
     ref = ref_embedding_grad(idx.cpu(), g.cpu(), 50)
     for det in (True, False):

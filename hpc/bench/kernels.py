@@ -203,7 +203,7 @@ def _overhead(runs: int = 2000) -> list[list]:
              ("layer_norm fwd", lambda: ops.layer_norm(x, b, b), lambda: F.layer_norm(x, (64,), b, b)),
              ("cross_entropy fwd+bwd", lambda: ops.softmax_cross_entropy(x, t).backward(),
               lambda: F.cross_entropy(x, t).backward())]
-    from kernels import _runtime as rt
+    from hpc.kernels import _runtime as rt
 
     rows = []
     for name, ours, eager in cases:
@@ -234,7 +234,7 @@ def run(args) -> int:
         print("hpc bench kernels: no CUDA GPU here (torch.cuda.is_available() is False); the kernels need one. "
               "Run it on a GPU node (scripts/gpu-check.sh does, and writes the JSON).")
         return 2
-    from kernels import _runtime as rt
+    from hpc.kernels import _runtime as rt
 
     why = rt.cupy_missing()
     if why:

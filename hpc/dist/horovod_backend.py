@@ -22,7 +22,7 @@ from hpc.dist.world import World
 INSTALL_HINT = (
     "backend 'horovod' needs horovod.torch, which is not importable ({err}). Install it with "
     "HOROVOD_WITH_PYTORCH=1 HOROVOD_WITH_MPI=1 HOROVOD_WITHOUT_TENSORFLOW=1 HOROVOD_WITHOUT_MXNET=1 "
-    "pip install --no-cache-dir 'hpc-suite[horovod]' (a source build, ~10 min; see docs/dist.md for the "
+    "pip install --no-cache-dir 'hpc-model-pipeline[horovod]' (a source build, ~10 min; see docs/dist.md for the "
     "CMake fixes it needs), or use backend mpi or torch")
 
 

@@ -42,7 +42,7 @@ def _cupy_missing() -> str | None:
         if not torch.cuda.is_available():
             _cupy_reason = "CUDA is not available to PyTorch (torch.cuda.is_available() is False)"
         else:
-            from kernels import _runtime
+            from hpc.kernels import _runtime
 
             _cupy_reason = _runtime.cupy_missing()
     return _cupy_reason  # type: ignore[return-value]
@@ -104,7 +104,7 @@ def _use_cupy(*tensors: torch.Tensor | None) -> bool:
 
 
 def _k():
-    import kernels  # lazy: only the CuPy path needs it
+    from hpc import kernels  # lazy: only the CuPy path needs it
 
     return kernels
 

@@ -352,7 +352,7 @@ def check_dirs(cfg: DoctorConfig) -> list[Row]:
 def check_kernel_cache(cfg: DoctorConfig) -> list[Row]:
     # The kernels' own resolution (HPC_KERNEL_CACHE_DIR, CUPY_CACHE_DIR, else a node-local default),
     # so the doctor checks the directory CuPy will really use.
-    from kernels._runtime import CACHE_ENV, cache_dir
+    from hpc.kernels._runtime import CACHE_ENV, cache_dir
 
     source = next((v for v in (CACHE_ENV, "CUPY_CACHE_DIR") if os.environ.get(v)), "the default")
     advice = f"export {CACHE_ENV}=/tmp/$USER/cupy-kernel-cache (or a node-local SSD)"

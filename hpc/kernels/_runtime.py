@@ -1,7 +1,7 @@
 """What every kernel wrapper shares: CuPy import and cache directory, compile-once modules, PyTorch's
 current stream, DLPack zero-copy views, input checks and launch shapes.
 
-Nothing here imports CuPy at module import time, so ``import kernels`` works on a machine without it;
+Nothing here imports CuPy at module import time, so ``import hpc.kernels`` works on a machine without it;
 ``cupy_missing()`` says why the CuPy path cannot run.
 
 Cache directory: CuPy writes compiled kernels to ``CUPY_CACHE_DIR`` (default ``~/.cupy/kernel_cache``,
@@ -149,7 +149,7 @@ def nvrtc_check(modules, arch: str = "compute_90") -> list[dict]:
 
 
 def function(source: str, ctype: str, exprs, expr: str):
-    """The compiled kernel ``expr`` of ``kernels/<source>`` for one storage type, compiled once per
+    """The compiled kernel ``expr`` of ``hpc/kernels/<source>`` for one storage type, compiled once per
     (source, ctype, device) with all of ``exprs`` (the template instances that type uses; a list, or
     a callable giving it, so the hot path does not build the list)."""
     dev = torch.cuda.current_device()

@@ -1,8 +1,8 @@
 """Compile the kernels ahead of use (fills CuPy's on-disk cache) and report what ptxas made of them.
 
-    python -m kernels._warm --list            # "SOURCE CTYPE" per module, for xargs -P
-    python -m kernels._warm SOURCE CTYPE ...  # compile those modules
-    python -m kernels._warm --report          # registers / local memory of every instance; exit 1 if a
+    python -m hpc.kernels._warm --list            # "SOURCE CTYPE" per module, for xargs -P
+    python -m hpc.kernels._warm SOURCE CTYPE ...  # compile those modules
+    python -m hpc.kernels._warm --report          # registers / local memory of every instance; exit 1 if a
                                               # register-resident row kernel spills or cannot run 512 threads
 Needs CuPy and a GPU (scripts/gpu-check.sh runs it).
 """
@@ -14,8 +14,8 @@ import time
 
 import torch
 
-import kernels
-from kernels import _runtime as rt
+from hpc import kernels
+from hpc.kernels import _runtime as rt
 
 
 def _modules(pairs):

@@ -1,4 +1,4 @@
-"""Run the kernels' CUDA C++ on the CPU (tests only): compile each .cu with g++ against _emu.h and
+"""Run the kernels' CUDA C++ on the CPU (tests only): compile each .cu with g++ against kernel_emu.h and
 launch template instances through ctypes on CPU tensors, so the real wrappers and the real kernel code
 are tested without a GPU. Slow (every CUDA thread is a fiber); small shapes only. Not for production.
 """
@@ -18,7 +18,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-_HERE = Path(__file__).resolve().parent
+from hpc import kernels
+
+_HERE = Path(__file__).resolve().parent          # kernel_emu.h, the emulated CUDA runtime
+_KDIR = Path(kernels.__file__).resolve().parent  # the kernels' .cu sources
 _libs: dict = {}
 _lock = threading.Lock()
 _SCALARS = {np.int64: ctypes.c_int64, np.int32: ctypes.c_int32, np.uint64: ctypes.c_uint64,
@@ -47,8 +50,6 @@ SOURCES = ("bias_act.cu", "cross_entropy.cu", "embedding.cu", "layer_norm.cu", "
 def _exprs(source: str) -> list[str]:
     """The source's template instances, less the fp16 ones (the tests emulate fp32, bf16 and fp64;
     fewer instances build faster)."""
-    import kernels
-
     return sorted({e for src, ct, exprs in kernels.catalog() if src == source and ct != "__half" for e in exprs})
 
 
@@ -59,8 +60,8 @@ def _plan(source: str) -> tuple[str, Path, list[str]]:
         f"unsigned smem, void** a) {{ emu::launch(&{e}, gx, gy, gz, bx, by, bz, smem, a); }}"
         for i, e in enumerate(exprs))
     runners += '\nextern "C" int emu_deadlocked() { int d = emu::deadlocked; emu::deadlocked = 0; return d; }\n'
-    code = "\n".join([(_HERE / "_emu.h").read_text(), (_HERE / "common.cuh").read_text(),
-                      (_HERE / source).read_text(), runners])
+    code = "\n".join([(_HERE / "kernel_emu.h").read_text(), (_KDIR / "common.cuh").read_text(),
+                      (_KDIR / source).read_text(), runners])
     key = hashlib.sha256(code.encode()).hexdigest()[:16]
     out_dir = Path(tempfile.gettempdir()) / f"hpc-kernel-emu-{os.getuid()}"
     out_dir.mkdir(parents=True, exist_ok=True)

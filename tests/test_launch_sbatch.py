@@ -40,6 +40,24 @@ def test_golden_torch_backend_array_with_dependency():
     _golden("sweep_array_torch.sbatch", render_sbatch(res, "/runs/s/slurm-%j/submitit", PY, array_size=6))
 
 
+def test_unlimited_time_renders_and_skips_the_signal_check():
+    res = SlurmResources(time="UNLIMITED", signal_delay_s=600)
+    assert res.check().minutes is None
+    assert "#SBATCH --time=UNLIMITED" in render_sbatch(res, "/f/%j", PY)
+
+
+def test_one_time_parser_for_sbatch_and_squeue():
+    """sbatch's --time and squeue's %L go through hpc.launch.slurmtime (no second parser)."""
+    from hpc.launch import requeue
+    from hpc.launch.slurmtime import parse_slurm_time
+
+    for spec in ("30", "4:59", "2:00:00", "1-0", "1-2:30", "1-02:03:04", "UNLIMITED"):
+        seconds = parse_slurm_time(spec)
+        assert requeue.parse_duration(spec) == seconds
+        assert parse_time(spec) == (None if seconds is None else -(-seconds // 60))
+    assert parse_slurm_time("1-02") == 93600 and parse_slurm_time("5") == 300
+
+
 def test_rendering_is_what_matters():
     text = render_sbatch(SlurmResources(tasks_per_node=2, time="0:10:00", signal_delay_s=45), "/f/%j", PY)
     assert "#SBATCH --ntasks-per-node=2" in text and "#SBATCH --time=10" in text
@@ -49,7 +67,8 @@ def test_rendering_is_what_matters():
 
 
 @pytest.mark.parametrize("spec,minutes", [("30", 30), ("2:30", 3), ("2:00:00", 120), ("1-0", 1440),
-                                          ("1-2:30", 1590), ("0-0:0:59", 1), ("1-00:00:01", 1441)])
+                                          ("1-2:30", 1590), ("0-0:0:59", 1), ("1-00:00:01", 1441),
+                                          ("UNLIMITED", None), ("infinite", None)])
 def test_parse_time(spec, minutes):
     assert parse_time(spec) == minutes
 

@@ -18,6 +18,7 @@ import re
 import sys
 
 from hpc.launch import slurm
+from hpc.launch.slurmtime import parse_slurm_time
 
 DEFAULT_MAX_REQUEUES = 3
 DEFAULT_SIGNAL_DELAY_S = 90
@@ -38,13 +39,12 @@ def signal_delay_s() -> int:
 
 
 def parse_duration(spec: str) -> int | None:
-    """squeue's ``%L``/``%l`` (``[D-]HH:MM:SS``, ``MM:SS``) -> seconds; None for UNLIMITED/INVALID."""
-    spec = spec.strip()
-    m = re.fullmatch(r"(?:(\d+)-)?(?:(\d+):)?(\d+):(\d+)", spec)
-    if not m:
+    """squeue's ``%L`` / scontrol's ``TimeLimit`` -> seconds; None for UNLIMITED and for what is no
+    time at all (``INVALID``, ``NOT_SET``, empty): either way no time limit is known."""
+    try:
+        return parse_slurm_time(spec)
+    except ValueError:
         return None
-    d, h, mi, s = (int(x) if x else 0 for x in m.groups())
-    return ((d * 24 + h) * 60 + mi) * 60 + s
 
 
 def classify(time_left_s: int | None, delay_s: int) -> str:

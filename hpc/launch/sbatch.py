@@ -18,30 +18,21 @@ import shlex
 from dataclasses import dataclass, field
 from pathlib import Path
 
-# Slurm's time formats: M, M:S, H:M:S, D-H, D-H:M, D-H:M:S.
-_TIME = re.compile(r"^(?:(?P<d>\d+)-)?(?P<a>\d+)(?::(?P<b>\d+))?(?::(?P<c>\d+))?$")
+from hpc.launch.slurmtime import UNLIMITED, parse_slurm_time
+
 _MEM = re.compile(r"^\d+(?:\.\d+)?[KMGT]?B?$", re.IGNORECASE)
 _NAME = re.compile(r"^[A-Za-z0-9_.+-]+$")
 
 
-def parse_time(spec: str) -> int:
-    """Slurm time limit -> whole minutes (rounded up). ``"2:00:00"`` -> 120, ``"1-0"`` -> 1440."""
-    m = _TIME.match(str(spec).strip())
-    if not m:
-        raise ValueError(f"--time {spec!r}: not a Slurm time; use MINUTES, HH:MM:SS or D-HH:MM:SS "
-                         "(e.g. 30, 2:00:00, 1-12:00:00)")
-    d, a, b, c = (int(m.group(k)) if m.group(k) else None for k in "dabc")
-    if d is not None:  # D-H[:M[:S]]
-        seconds = d * 86400 + a * 3600 + (b or 0) * 60 + (c or 0)
-    elif c is not None:  # H:M:S
-        seconds = a * 3600 + b * 60 + c
-    elif b is not None:  # M:S
-        seconds = a * 60 + b
-    else:  # M
-        seconds = a * 60
-    if seconds <= 0:
+def parse_time(spec: str) -> int | None:
+    """sbatch ``--time`` -> whole minutes (rounded up), None for UNLIMITED. ``"2:00:00"`` -> 120."""
+    try:
+        seconds = parse_slurm_time(spec)
+    except ValueError as e:
+        raise ValueError(f"--time {e}") from None
+    if seconds is not None and seconds <= 0:
         raise ValueError(f"--time {spec!r}: must be more than zero")
-    return -(-seconds // 60)
+    return None if seconds is None else -(-seconds // 60)
 
 
 @dataclass
@@ -81,7 +72,7 @@ class SlurmResources:
             raise ValueError(f"--name {self.name!r}: use letters, digits and _.+- only")
         if not isinstance(self.signal_delay_s, int) or self.signal_delay_s < 0:
             raise ValueError(f"--signal-delay-s {self.signal_delay_s!r}: must be >= 0 seconds")
-        if self.signal_delay_s >= minutes * 60:
+        if minutes is not None and self.signal_delay_s >= minutes * 60:
             raise ValueError(f"--signal-delay-s {self.signal_delay_s}: the warning signal would come "
                              f"before the job starts (--time {self.time} = {minutes * 60}s); lower it "
                              "or raise --time")
@@ -97,8 +88,15 @@ class SlurmResources:
         return self.nodes * self.tasks_per_node
 
     @property
-    def minutes(self) -> int:
+    def minutes(self) -> int | None:
+        """The time limit in minutes; None for UNLIMITED."""
         return parse_time(self.time)
+
+    @property
+    def sbatch_time(self) -> int | str:
+        """What ``--time=`` gets: minutes, or UNLIMITED."""
+        m = self.minutes
+        return UNLIMITED if m is None else m
 
 
 # Flags that submitit or this module already set: letting --sbatch-arg change them would break
@@ -128,7 +126,7 @@ def slurm_parameters(res: SlurmResources) -> dict:
     res.check()
     params: dict = {
         "job_name": res.name,
-        "time": res.minutes,
+        "time": res.sbatch_time,
         "nodes": res.nodes,
         "ntasks_per_node": res.tasks_per_node,
         "cpus_per_task": res.cpus_per_task,

@@ -117,7 +117,8 @@ def make_executor(mode: str, folder: str | Path, res: SlurmResources):
         raise ValueError(f"--debug runs in this process as one rank (for pdb), not {res.ntasks}: "
                          "drop --nodes/--tasks-per-node, or use --local for several local ranks")
     ex = submitit.AutoExecutor(folder=folder, cluster=mode)
-    ex.update_parameters(timeout_min=res.minutes, name=res.name)
+    # Local jobs: UNLIMITED is a year (submitit's local executor needs a number).
+    ex.update_parameters(timeout_min=res.minutes or 525600, name=res.name)
     return ex
 
 
@@ -329,7 +330,7 @@ def submit_pipeline(config: str, overrides: Sequence[str], res: SlurmResources, 
     res.mpi = cfg.dist.backend in ("auto", "mpi", "horovod")
     run_dir, _ = train_layout(cfg, "slurm")
     small = replace(res, nodes=1, tasks_per_node=1, gpus_per_node=0, mpi=False, name=f"{res.name}-register",
-                    time="0:30:00" if res.minutes > 30 else res.time)
+                    time="0:30:00" if res.minutes is None or res.minutes > 30 else res.time)
     infer_res = replace(res, nodes=1, tasks_per_node=infer_tasks or res.tasks_per_node, name=f"{res.name}-infer")
     out = Path(infer_output).resolve()
     infer_folder = out.parent / f"{out.name}.{LOG_DIR}-%j"

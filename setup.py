@@ -28,6 +28,9 @@ setup(
         "pyarrow>=14",
         "tqdm>=4.60",
         "PyYAML>=6.0",
+        # `hpc schedule`: cron fields checked and next run times computed by a kept library (one
+        # 19 KB module, no dependencies), not by a regex.
+        "cronsim>=2.6",
     ],
     extras_require={
         "gpu": ["cupy-cuda12x>=13"],

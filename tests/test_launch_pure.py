@@ -110,17 +110,7 @@ def test_summarize_and_table(tmp_path):
 
 
 # ------------------------------------------------------------------------------- schedules
-@pytest.mark.parametrize("expr", ["0 2 * * *", "*/15 * * * *", "0 0 1,15 * mon-fri", "@daily", " 5  4 * * 0 "])
-def test_validate_cron_accepts(expr):
-    assert schedule.validate_cron(expr) == " ".join(expr.split())
-
-
-@pytest.mark.parametrize("expr", ["", "* * * *", "0 2 * * * *", "every day", "0 2 * * ?", "@sometimes"])
-def test_validate_cron_rejects(expr):
-    with pytest.raises(ValueError, match="--cron"):
-        schedule.validate_cron(expr)
-
-
+# Cron expressions, next run times and the crontab line as cron runs it: tests/test_schedule_cron.py.
 def _sched(tmp_path, name="nightly") -> schedule.Schedule:
     return schedule.Schedule(name=name, cron="0 2 * * *", model="digits@production", input=str(tmp_path / "in"),
                              output=str(tmp_path / "out"), res=SlurmResources(tasks_per_node=2, time="30",
@@ -141,15 +131,6 @@ def test_scrontab_block_roundtrip_keeps_other_entries(tmp_path):
     assert list(blocks) == ["nightly", "other"] and blocks["nightly"] == block
     assert schedule.remove_block(text, "nightly") == other + schedule.render_block(_sched(tmp_path, "other"))
     assert schedule.remove_block(other, "nightly") == other
-
-
-def test_crontab_line_submits_the_same_job(tmp_path):
-    s = _sched(tmp_path)
-    line = schedule.crontab_line(s)
-    assert line.startswith("0 2 * * * sbatch --job-name=hpc-sched-nightly ")
-    assert "--wrap " in line and "hpc.launch.schedule" in line
-    for opt in schedule.sbatch_options(s):
-        assert opt in line
 
 
 def test_schedule_check_refuses_bad_input(tmp_path):

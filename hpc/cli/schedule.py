@@ -7,7 +7,9 @@ def register(sub) -> None:
     p = sub.add_parser("schedule", help="batch scoring on a cron cadence (Slurm scrontab)")
     ssub = p.add_subparsers(dest="what", metavar="WHAT")
     i = ssub.add_parser("infer", help="score INPUT with MODEL on a schedule into OUTPUT/<run>/ and OUTPUT/latest")
-    i.add_argument("--cron", required=True, help="cron expression, e.g. '0 2 * * *' (daily at 02:00)")
+    i.add_argument("--cron", required=True,
+                   help="5-field cron expression as scrontab takes it, e.g. '0 2 * * *' (daily at 02:00), "
+                        "'*/15 * * * 1-5', or @hourly|@daily|@midnight|@weekly|@monthly|@yearly|@annually")
     i.add_argument("--model", required=True, help="NAME@ALIAS (re-resolved at every run) or NAME@VERSION")
     i.add_argument("--input", required=True)
     i.add_argument("--output", required=True, metavar="ROOT")
@@ -33,7 +35,7 @@ def register(sub) -> None:
 
 def _infer(args) -> int:
     from hpc.launch.sbatch import SlurmResources
-    from hpc.launch.schedule import Schedule, install, run_now
+    from hpc.launch.schedule import Schedule, describe_cron, install, now, run_now
 
     res = SlurmResources(tasks_per_node=args.tasks_per_node, time=args.time, partition=args.partition,
                          account=args.account, qos=args.qos, mem=args.mem)
@@ -41,19 +43,24 @@ def _infer(args) -> int:
     s = Schedule(name=name, cron=args.cron, model=args.model, input=args.input, output=args.output, res=res,
                  registry=args.registry).check()
     print(install(s))
+    print(f"schedule {s.name!r}: {describe_cron(s.cron, now())}")
     if args.run_now:
         print(f"submitted one run now: job {run_now(s)} (logs in {s.output}/.logs/)")
     return 0
 
 
 def _list(args) -> int:
-    from hpc.launch.schedule import list_schedules
+    from hpc.launch.schedule import block_cron, describe_cron, list_schedules, now
 
     blocks = list_schedules()
     if not blocks:
         print("no hpc schedules in your scrontab")
     for name, block in blocks.items():
-        print(f"{name}:\n{block}")
+        try:
+            when = describe_cron(block_cron(block), now())
+        except ValueError as e:  # an entry edited by hand: still list it, with what is wrong
+            when = str(e)
+        print(f"{name}: {when}\n{block}")
     return 0
 
 

@@ -22,26 +22,127 @@ import shutil
 import sys
 import time
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
+
+from cronsim import CronSim, CronSimError
 
 from hpc.launch import slurm
 from hpc.launch.sbatch import SlurmResources
 
-_CRON_FIELD = re.compile(r"^(\*|[0-9A-Za-z]+(-[0-9A-Za-z]+)?)(/\d+)?(,(\*|[0-9A-Za-z]+(-[0-9A-Za-z]+)?)(/\d+)?)*$")
-_MACROS = ("@yearly", "@annually", "@monthly", "@weekly", "@daily", "@midnight", "@hourly")
 BEGIN, END = "# hpc-schedule ", "# hpc-schedule end "
+
+# ------------------------------------------------------------------------------- cron expressions
+# cronsim (a kept, dependency-free cron library) checks values and ranges, computes run times and
+# explains expressions. On top of it we keep only what Slurm's scrontab parser accepts
+# (src/scrontab/parse.c, whose 5-field grammar has not changed since 20.11) and where scrontab and
+# cron (the crontab fallback) agree on the run times, so the next runs we print are the ones both use.
+FIELDS = ("minute", "hour", "day-of-month", "month", "day-of-week")
+_VALID = ("0-59", "0-23", "1-31", "1-12 or one name jan..dec", "0-7 with 0 and 7 Sunday, or one name sun..sat")
+_FIRST = (0, 0, 1, 1, 1)          # scrontab counts a step from here, whatever the range says
+_STEP_MAX = (60, 24, 31, 12, 7)   # scrontab refuses steps < 2 and >= its bitmap size (61, 25, 32, 13, 8)
+# The forms scrontab's parser reads: '*' or '*/step', one range with a step, numbers and ranges
+# in a list, or a lone month or day name (a name in a list or range fails there with "something is
+# broken"; cron's L, W, # and ? extensions, which cronsim takes, fail too).
+_SCRON_FORM = re.compile(r"\*(/\d+)?|\d+-\d+/\d+|\d+(-\d+)?(,\d+(-\d+)?)*")
+_NAME = re.compile("[a-z]+")
+# scrontab's nicknames (man scrontab) and the fields they stand for, which cronsim reads; no @reboot.
+NICKNAMES = {"@yearly": "0 0 1 1 *", "@annually": "0 0 1 1 *", "@monthly": "0 0 1 * *",
+             "@weekly": "0 0 * * 0", "@daily": "0 0 * * *", "@midnight": "0 0 * * *", "@hourly": "0 * * * *"}
+_SYNTAX = ("5 fields 'minute hour day-of-month month day-of-week', each *, a number, a range a-b, "
+           "a list a,b,c or */step (e.g. '0 2 * * *' daily at 02:00, '*/15 * * * 1-5'), or one of "
+           + ", ".join(NICKNAMES))
+_ANY_TIME = datetime(2000, 1, 1)  # cronsim wants a start time even to only parse
+
+
+def _cronsim(expr: str, after: datetime = _ANY_TIME) -> CronSim:
+    return CronSim(NICKNAMES.get(expr, expr), after)
+
+
+def _field_problem(i: int, value: str) -> str | None:
+    """What scrontab or cron would refuse or read differently in field ``i`` alone (pure)."""
+    name = FIELDS[i]
+    bad = f"{name} {value!r} is not valid ({name}: {_VALID[i]})"
+    if not (_SCRON_FORM.fullmatch(value) or (i >= 3 and _NAME.fullmatch(value))):
+        if i >= 3 and re.search("[a-z]", value) and re.search("[,-]", value):
+            return (f"{name} {value!r}: scrontab takes a {name} name only on its own, not in a list or "
+                    f"range; write numbers ({name}: {_VALID[i]})")
+        if "/" in value:
+            return f"{name} {value!r}: a step /n may only follow * or one range a-b"
+        return bad
+    step = re.fullmatch(r"(\*|(\d+)-\d+)/(\d+)", value)
+    if step:
+        n = int(step[3])
+        if name == "day-of-week" and step[2] is None:
+            return (f"{name} {value!r}: scrontab counts day-of-week steps from Monday, cron from Sunday, "
+                    f"so they would run on different days; list the days instead (e.g. 1,3,5)")
+        if not 2 <= n <= _STEP_MAX[i]:
+            return (f"{name} {value!r}: step {n} is not valid (scrontab takes {name} steps 2-{_STEP_MAX[i]}"
+                    + ("; for every value write *)" if n == 1 else ")"))
+        if step[2] is not None and (int(step[2]) - _FIRST[i]) % n:
+            return (f"{name} {value!r}: scrontab counts the step from {_FIRST[i]}, cron from {step[2]}, so "
+                    f"they would run at different times; write the values as a list instead")
+    try:
+        _cronsim(" ".join(value if j == i else "*" for j in range(5)))
+    except CronSimError:
+        return bad
+    return None
 
 
 def validate_cron(expr: str) -> str:
-    """A 5-field cron expression (or @daily etc.), normalized to single spaces (pure)."""
-    expr = " ".join(str(expr).split())
-    if expr in _MACROS:
-        return expr
-    fields = expr.split(" ")
-    if len(fields) != 5 or not all(_CRON_FIELD.match(f) for f in fields):
-        raise ValueError(f"--cron {expr!r}: expected 5 fields 'minute hour day-of-month month day-of-week' "
-                         f"(e.g. '0 2 * * *' daily at 02:00, '*/15 * * * *') or one of {', '.join(_MACROS)}")
+    """``expr`` as scrontab and cron both take it, normalized (single spaces, lower case) (pure).
+
+    Raises ValueError naming every invalid field with its value and valid range.
+    """
+    expr = " ".join(str(expr).split()).lower()
+    if expr.startswith("@"):
+        if expr in NICKNAMES:
+            return expr
+        why = ("scrontab has no @reboot (Slurm starts entries at clock times, not at boot)"
+               if expr == "@reboot" else "unknown nickname")
+        raise ValueError(f"--cron {expr!r}: {why}; use one of {', '.join(NICKNAMES)} or 5 fields")
+    fields = expr.split(" ") if expr else []
+    if len(fields) != 5:
+        extra = (": scrontab has no seconds (or year) field" if len(fields) == 6 else "")
+        raise ValueError(f"--cron {expr!r}: {len(fields)} fields{extra}; expected {_SYNTAX}")
+    problems = [p for i, f in enumerate(fields) if (p := _field_problem(i, f))]
+    if not problems and fields[2].startswith("*/") and fields[4] != "*":
+        problems.append(f"day-of-month {fields[2]!r} with day-of-week {fields[4]!r}: scrontab runs on "
+                        f"days matching either, cron on days matching both; list the days of the month")
+    if not problems:
+        try:
+            _cronsim(expr)
+        except CronSimError:  # every field is valid alone: the day never occurs in those months
+            problems.append(f"day-of-month {fields[2]!r} never occurs in month {fields[3]!r}")
+    if problems:
+        raise ValueError(f"--cron {expr!r}: " + "; ".join(problems))
     return expr
+
+
+def next_runs(cron: str, after: datetime, count: int = 3) -> list[datetime]:
+    """The next ``count`` times ``cron`` fires after ``after`` (pure).
+
+    A naive ``after`` is wall-clock local time, which is how Slurm computes them (localtime());
+    an aware one is taken in its own zone, DST included.
+    """
+    runs = _cronsim(validate_cron(cron), after)
+    return [next(runs) for _ in range(count)]
+
+
+def describe_cron(cron: str, after: datetime, count: int = 3) -> str:
+    """``cron``, what it means and its next runs as local times with their zone, for the user (pure
+    but for the machine's time zone, which names naive times)."""
+    cron = validate_cron(cron)
+    # A naive time gets this machine's zone for that very date, so a DST change between runs shows.
+    times = [(t if t.tzinfo else t.astimezone()).strftime("%a %Y-%m-%d %H:%M %Z (UTC%z)")
+             for t in next_runs(cron, after, count)]
+    return (f"{cron} ({_cronsim(cron).explain()}); next {count} runs (local time):\n"
+            + "\n".join(f"  {t}" for t in times))
+
+
+def now() -> datetime:
+    """Local wall-clock time; a function so tests can fix it."""
+    return datetime.now()
 
 
 @dataclass
@@ -84,7 +185,7 @@ def runner_command(s: Schedule) -> str:
 def sbatch_options(s: Schedule) -> list[str]:
     """The sbatch options of one run (pure); scrontab takes the same ones on ``#SCRON`` lines."""
     r = s.res
-    opts = [f"--job-name={r.name}", f"--time={r.minutes}", f"--nodes={r.nodes}",
+    opts = [f"--job-name={r.name}", f"--time={r.sbatch_time}", f"--nodes={r.nodes}",
             f"--ntasks-per-node={r.tasks_per_node}", f"--cpus-per-task={r.cpus_per_task}",
             f"--output={s.output}/.logs/%j.out"]
     for key in ("partition", "account", "qos", "constraint", "mem"):
@@ -104,7 +205,11 @@ def render_block(s: Schedule) -> str:
 def crontab_line(s: Schedule) -> str:
     """The plain-cron equivalent: cron submits the same job with sbatch at the same times (pure)."""
     opts = " ".join(shlex.quote(o) for o in sbatch_options(s))
-    return f"{s.cron} sbatch {opts} --wrap {shlex.quote(runner_command(s))}"
+    command = f"sbatch {opts} --wrap {shlex.quote(runner_command(s))}"
+    # cron turns an unescaped % of the command into a newline and feeds the rest to stdin, which cut
+    # the line at --output=.../%j.out (sbatch: "This does not look like a batch script"); it passes
+    # \% on as a plain %. scrontab has no such rule, so render_block keeps its % as they are.
+    return f"{s.cron} " + command.replace("%", r"\%")
 
 
 def parse_blocks(text: str) -> dict[str, str]:
@@ -119,6 +224,12 @@ def parse_blocks(text: str) -> dict[str, str]:
         elif name is not None:
             cur.append(line)
     return blocks
+
+
+def block_cron(block: str) -> str:
+    """The cron expression of one of our blocks: the head of its only line that is not a comment (pure)."""
+    words = next((ln.split() for ln in block.splitlines() if ln.strip() and not ln.startswith("#")), [])
+    return " ".join(words[:1] if words[:1] and words[0].startswith("@") else words[:5])
 
 
 def remove_block(text: str, name: str) -> str:

@@ -43,6 +43,10 @@ setup(
         # ./scripts/demo.sh: scikit-learn's digits as the data, pandas to read the predictions back.
         "demo": ["scikit-learn>=1.2", "pandas>=2.0"],
         "report": ["matplotlib>=3.7"],
+        # Metric sinks (monitor.tensorboard, monitor.mlflow_uri). mlflow-skinny: the tracking client
+        # without the UI/server (116 MB vs 825 MB); SQLAlchemy + Alembic for sqlite: tracking URIs.
+        "tensorboard": ["tensorboard>=2.14"],
+        "mlflow": ["mlflow-skinny>=2.10", "sqlalchemy>=2.0", "alembic>=1.12"],
         "test": [
             "pytest>=7",
             "pytest-timeout>=2.1",
@@ -50,6 +54,13 @@ setup(
             "pandas>=2.0",
             "scikit-learn>=1.2",
             "matplotlib>=3.7",
+            # the sinks' tests read back what a run wrote with TensorBoard's and MLflow's readers
+            "tensorboard>=2.14",
+            "mlflow-skinny>=2.10",
+            "sqlalchemy>=2.0",
+            "alembic>=1.12",
+            # lint-imports: the layering contracts in pyproject.toml, checked by scripts/test.sh
+            "import-linter>=2.0",
         ],
     },
     entry_points={"console_scripts": ["hpc=hpc.cli:main"]},

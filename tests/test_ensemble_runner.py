@@ -1,6 +1,7 @@
 """`hpc ensemble train` end to end on real shards, the real trainer and the real registry."""
 
 import json
+import os
 import subprocess
 import sys
 
@@ -186,16 +187,18 @@ def test_preempted_member_resumes_on_rerun_exactly(work, tmp_path):
 
     spec = _spec(work, "pre", method="bagging", bagging={"members": 2})
     cmd = [sys.executable, "-m", "hpc", "ensemble", "train", str(spec), "train.epochs=30",
-           "train.log_every=10"]
+           "train.log_every=10", "train.progress=true"]
     reg_a = tmp_path / "reg-a"
+    # A progress line on every step (HPC_PROGRESS_S=0), so the signal lands mid-member.
     proc = subprocess.Popen(cmd + [f"out_dir={tmp_path / 'a'}", "--registry", str(reg_a)],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, "HPC_PROGRESS_S": "0"})
     seen, in_m1 = [], False
     for line in proc.stdout:
         seen.append(line)
         in_m1 = in_m1 or "pre-m1: training" in line
-        m = re.search(r"step (\d+)/", line)
-        if in_m1 and m and int(m.group(1)) >= 100:
+        m = re.search(r"step ([\d,]+)/", line)
+        if in_m1 and m and int(m.group(1).replace(",", "")) >= 100:
             proc.send_signal(signal.SIGUSR2)
             break
     seen += proc.stdout.readlines()

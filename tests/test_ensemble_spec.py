@@ -37,7 +37,7 @@ def test_defaults_and_base_relative_to_the_file(tmp_path):
     ({"name": "e", "base": "b", "method": "boosting", "boosting": {"shrinkage": 0}}, r"shrinkage"),
     ({"name": "e", "base": "b", "method": "stacking", "stacking": {"meta": {"kind": "tree"}}},
      r"'softmax', 'linear', 'mlp'"),
-    ({"name": "e", "base": "b", "bagging": {"memberz": 3}}, r"unknown key 'memberz'; valid keys: bootstrap, combine, members"),
+    ({"name": "e", "base": "b", "bagging": {"memberz": 3}}, r"unknown key 'memberz'; did you mean 'members'\? valid keys: bootstrap, combine, members"),
 ])
 def test_errors_name_the_field(tmp_path, data, match):
     p = _write(tmp_path, data)

@@ -72,7 +72,7 @@ def test_mf_prediction_and_losses():
 
 
 @pytest.mark.parametrize("family,config,match", [
-    ("cnn", {"chanels": [8]}, r"unknown key 'chanels'; valid keys: batch_norm, channels"),
+    ("cnn", {"chanels": [8]}, r"unknown key 'chanels'; did you mean 'channels'\? valid keys: batch_norm, channels"),
     ("mlp", {"dropout": 1.5}, r"dropout: must be in \[0, 1\)"),
     ("mlp", {"widths": "64"}, r"widths: expected list of int"),
     ("mlp", {"activation": "swish"}, r"'swish' is not one of 'relu', 'gelu', 'gelu_tanh'"),

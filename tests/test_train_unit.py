@@ -35,7 +35,8 @@ def test_config_defaults_overrides_and_yaml(tmp_path):
 
 
 @pytest.mark.parametrize("override,match", [
-    (["optim.lrr=1"], r"config\.optim: unknown key 'lrr'; valid keys: .*lr"),
+    (["optim.lrr=1"], r"config\.optim: unknown key 'lrr' in override 'optim.lrr=1'; did you mean optim\.lr\? "
+                      r"valid keys: .*lr"),
     (["optim.lr=-1"], r"config\.optim\.lr: must be > 0, got -1"),
     (["optim.name=lamb"], r"config\.optim\.name: 'lamb' is not one of 'sgd', 'adam', 'adamw'"),
     (["data.batch_size=many"], r"config\.data\.batch_size: expected an integer, got 'many'"),
@@ -49,7 +50,8 @@ def test_config_defaults_overrides_and_yaml(tmp_path):
     (["lr"], r"expected key=value"),
     # an optional section (`X | None`) reports its own error, not "expected mapping | null"
     (["registry.root=/r"], r"config\.registry\.name: is required when registry is set"),
-    (["registry={name: a, rooot: /r}"], r"config\.registry: unknown key 'rooot'; valid keys: .*root"),
+    (["registry={name: a, rooot: /r}"], r"config\.registry: unknown key 'rooot'; did you mean 'root'\? "
+                                         r"valid keys: .*root"),
 ])
 def test_bad_config_names_key_and_valid_values(override, match):
     with pytest.raises(ValueError, match=match):
@@ -63,7 +65,8 @@ def test_config_hash_ignores_names_and_paths_only():
 
 
 def test_apply_overrides_creates_nested_keys():
-    assert apply_overrides({"a": 1}, ["b.c.d=[1, 2]", "a=x"]) == {"a": "x", "b": {"c": {"d": [1, 2]}}}
+    # values stay text (Raw) until the field they land in gives them a type
+    assert apply_overrides({"a": 1}, ["b.c.d=[1, 2]", "a=x"]) == {"a": "x", "b": {"c": {"d": ["1", "2"]}}}
 
 
 @pytest.mark.parametrize("fused,step", [(False, "torch.optim"), (True, "torch"), ("auto", "torch"),
@@ -210,14 +213,14 @@ def test_cli_bad_config_exits_2_naming_the_key(tmp_path, extra):
 
 
 def test_nproc_may_come_anywhere_on_the_command_line():
-    from hpc.cli.train import split_nproc
+    from hpc.cli.train import split_options
 
-    assert split_nproc(["a=1", "--nproc", "2", "b=2"], None) == (["a=1", "b=2"], 2)
-    assert split_nproc(["--nproc=4"], 1) == ([], 4)
+    assert split_options(["a=1", "--nproc", "2", "b=2"], None) == (["a=1", "b=2"], 2, False)
+    assert split_options(["--nproc=4", "--print-config"], 1) == ([], 4, True)
     with pytest.raises(ValueError, match="--nproc 'x'"):
-        split_nproc(["--nproc", "x"], None)
+        split_options(["--nproc", "x"], None)
     with pytest.raises(ValueError, match="unknown option '--np'"):
-        split_nproc(["--np", "2"], None)
+        split_options(["--np", "2"], None)
 
 
 # -- one process, end to end: run() -> summary, models, registry --------------------------------

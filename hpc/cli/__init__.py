@@ -17,6 +17,9 @@ import sys
 
 from hpc import __version__
 
+EXIT_USAGE = 2          # bad usage or bad input (argparse errors, a ValueError for user input)
+EXIT_INTERRUPTED = 130  # Ctrl-C (128 + SIGINT, what a shell reports)
+
 
 class UsageError(ValueError):
     """Bad input from the user: printed without a traceback, exit status 2."""
@@ -45,12 +48,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
         parser.print_help()
-        return 2
+        return EXIT_USAGE
     try:
         return int(args.func(args) or 0)
     except (ValueError, FileNotFoundError) as e:
         print(f"hpc {args.command}: error: {e}", file=sys.stderr)
-        return 2
+        return EXIT_USAGE
     except KeyboardInterrupt:
         print(f"hpc {args.command}: interrupted", file=sys.stderr)
-        return 130
+        return EXIT_INTERRUPTED

@@ -1,4 +1,7 @@
-"""`hpc data shard|synth|index|verify`: write, describe and check HDF5 shard sets (docs/data.md)."""
+"""`hpc data shard|synth|index|verify`: write, describe and check HDF5 shard sets (docs/data.md).
+
+Long work reports rows done/total, rows/s and ETA on stderr (a bar on a terminal, else a line
+every HPC_PROGRESS_S seconds; ``hpc.util.progress``); stdout keeps the summaries."""
 
 from __future__ import annotations
 
@@ -83,7 +86,7 @@ def run_shard(args) -> int:
 
     label = args.label or ("label" if args.source.lower().endswith((".csv", ".txt")) else "y")
     _summary(shard_source(args.source, args.out, split=args.split, seed=args.seed, config=_writer_cfg(args),
-                          label=label, x_key=args.x_key, task=args.task))
+                          label=label, x_key=args.x_key, task=args.task, progress=True))
     return 0
 
 
@@ -93,7 +96,7 @@ def run_synth(args) -> int:
     cfg = SynthConfig(kind=args.kind, samples=args.samples, seed=args.seed, classes=args.classes,
                       features=args.features, channels=args.channels, size=args.size, noise=args.noise,
                       users=args.users, items=args.items, rank=args.rank)
-    _summary(synth(cfg, args.out, split=args.split, writer=_writer_cfg(args)))
+    _summary(synth(cfg, args.out, split=args.split, writer=_writer_cfg(args), progress=True))
     return 0
 
 
@@ -109,7 +112,7 @@ def run_index(args) -> int:
         if not eq or not name or not path:
             raise ValueError(f"--field {spec!r}: expected NAME=DATASET_PATH")
         fields[name] = path
-    m = index_hdf5(args.dir, fields, files=args.files, task=args.task, overwrite=args.overwrite)
+    m = index_hdf5(args.dir, fields, files=args.files, task=args.task, overwrite=args.overwrite, progress=True)
     _summary({"": m})
     return 0
 
@@ -117,7 +120,7 @@ def run_index(args) -> int:
 def run_verify(args) -> int:
     from hpc.data.verify import verify_tree
 
-    problems, checked = verify_tree(args.dir, checksums=not args.quick)
+    problems, checked = verify_tree(args.dir, checksums=not args.quick, progress=True)
     for line in problems:
         print(line)
     print(f"{'FAILED' if problems else 'OK'}: {checked} shard(s) checked, {len(problems)} problem(s)",

@@ -52,12 +52,15 @@ def rank_argv(args) -> list[str]:
 def run(args) -> int:
     from hpc.dist import launch_local, world_from_env
 
+    from hpc.util.progress import progress_interval_s
+
     cfg = config_from_args(args)  # validate before starting ranks
+    progress_interval_s()  # here, where every rank checks it alike: only rank 0 reports progress
     if args.nproc < 1:
         raise ValueError(f"--nproc {args.nproc}: must be >= 1")
     if args.nproc > 1 and world_from_env().size == 1:
         return launch_local(args.nproc, rank_argv(args))
     from hpc.infer.job import run as run_job
 
-    run_job(cfg)
+    run_job(cfg, progress=True)
     return 0

@@ -18,6 +18,7 @@ import numpy as np
 from hpc.data.manifest import MANIFEST_NAME, TASK_FIELDS, FieldSpec, Manifest, ShardInfo, write_manifest
 from hpc.data.writer import Accounts, provenance
 from hpc.util.io import sha256_file
+from hpc.util.progress import Progress
 
 SLICE_BYTES = 64 << 20
 
@@ -35,7 +36,8 @@ def _infer_task(fields: Mapping[str, FieldSpec], task: str | None) -> str:
 
 
 def index_hdf5(directory: str | os.PathLike, datasets: Mapping[str, str], files: Sequence[str] | None = None,
-               task: str | None = None, overwrite: bool = False) -> Manifest:
+               task: str | None = None, overwrite: bool = False, progress: bool = False) -> Manifest:
+    """``progress``: rows read by the statistics pass so far on stderr (``hpc.util.progress``)."""
     d = Path(directory)
     if not d.is_dir():
         raise ValueError(f"{d}: not a directory")
@@ -73,6 +75,7 @@ def index_hdf5(directory: str | os.PathLike, datasets: Mapping[str, str], files:
     task = _infer_task(fields, task)
     acc = Accounts(task, fields)
     shards = []
+    bar = Progress(sum(counts), label="index", enabled=progress)
     for p, n in zip(paths, counts):
         with h5py.File(p, "r") as f:
             dss = {k: f[v] for k, v in datasets.items()}
@@ -83,9 +86,11 @@ def index_hdf5(directory: str | os.PathLike, datasets: Mapping[str, str], files:
                 step = max(chunk[0], step // chunk[0] * chunk[0])
             for a in range(0, n, step):
                 acc.update({k: ds[a:a + step] for k, ds in dss.items()})
+                bar.update(min(step, n - a))
         rel = os.path.relpath(p.resolve(), d.resolve())
         name = rel if not rel.startswith("..") else str(p.resolve())
         shards.append(ShardInfo(name, n, os.path.getsize(p), sha256_file(p), dict(datasets)))
+    bar.close()
     m = Manifest(task=task, fields=fields, shards=shards, path=d.resolve())
     acc.fill(m)
     m.bad_rows = {"policy": "none (indexed in place)", "dropped": 0}

@@ -17,6 +17,7 @@ import numpy as np
 
 from hpc.data.manifest import FieldSpec, Manifest
 from hpc.data.writer import ShardWriter, WriterConfig, provenance
+from hpc.util.progress import Progress
 
 SKLEARN_SETS = ("digits", "breast_cancer", "wine", "iris")
 READ_ROWS = 65536  # rows per chunk read from a CSV / sliced from an array
@@ -63,7 +64,10 @@ def split_labels(n: int, fractions: Mapping[str, float], rng: np.random.Generato
 
 def write_splits(chunks: Iterable[Mapping[str, np.ndarray]], out: str | os.PathLike, task: str,
                  fields: Mapping[str, FieldSpec], split: str, seed: int, config: WriterConfig,
-                 source: str, extra: Mapping | None = None, **counts) -> dict[str, Manifest]:
+                 source: str, extra: Mapping | None = None, progress: Progress | None = None,
+                 **counts) -> dict[str, Manifest]:
+    """``progress``: advanced by the rows of each chunk read (closed here; None: silent)."""
+    progress = Progress(None, enabled=False) if progress is None else progress
     fractions = parse_split(split)
     out = Path(out)
     writers = {name: ShardWriter(out / name, task, fields, config, **counts) for name in fractions}
@@ -77,12 +81,16 @@ def write_splits(chunks: Iterable[Mapping[str, np.ndarray]], out: str | os.PathL
                 sel = labels == i
                 if sel.any():
                     w.add({k: v[sel] for k, v in chunk.items()})
+            progress.update(n)
     except BaseException:
+        progress.close(final=False)
         for w in writers.values():
             w.abort()
         raise
     prov = provenance(source, seed, {"split": fractions})
-    return {name: w.close(prov, extra) for name, w in writers.items()}
+    manifests = {name: w.close(prov, extra) for name, w in writers.items()}
+    progress.close()  # after the last shards and manifests: the closing line times all the work
+    return manifests
 
 
 # -- sources -------------------------------------------------------------------------------------
@@ -131,7 +139,7 @@ def arrays_from_sklearn(name: str) -> dict[str, np.ndarray]:
     try:
         import sklearn.datasets as skd
     except ImportError:
-        raise ValueError("sklearn sources need scikit-learn: pip install 'hpc-suite[sklearn]'") from None
+        raise ValueError("sklearn sources need scikit-learn: pip install 'hpc-model-pipeline[sklearn]'") from None
     bunch = getattr(skd, f"load_{name}")()
     return {"x": np.asarray(bunch.data), "y": np.asarray(bunch.target)}
 
@@ -170,8 +178,12 @@ def csv_chunks(path: Path, label: str, task: str | None) -> tuple[Iterator[dict]
 
 
 def shard_source(source: str, out: str | os.PathLike, *, split: str, seed: int, config: WriterConfig,
-                 label: str = "y", x_key: str = "x", task: str | None = None) -> dict[str, Manifest]:
-    """Shard ``source`` (a .npz path, a .csv path or ``sklearn:NAME``) into ``out/<split>/``."""
+                 label: str = "y", x_key: str = "x", task: str | None = None,
+                 progress: bool = False) -> dict[str, Manifest]:
+    """Shard ``source`` (a .npz path, a .csv path or ``sklearn:NAME``) into ``out/<split>/``.
+
+    ``progress``: rows read so far on stderr (``hpc.util.progress``; a CSV's total is unknown, so
+    its lines carry no percentage or ETA)."""
     if source.startswith("sklearn:"):
         arrays = arrays_from_sklearn(source.split(":", 1)[1])
     else:
@@ -180,7 +192,8 @@ def shard_source(source: str, out: str | os.PathLike, *, split: str, seed: int, 
             raise ValueError(f"--from {source}: file not found")
         if path.suffix.lower() in (".csv", ".txt"):
             chunks, task, fields = csv_chunks(path, label, task)
-            return write_splits(chunks, out, task, fields, split, seed, config, source=str(path))
+            return write_splits(chunks, out, task, fields, split, seed, config, source=str(path),
+                                progress=Progress(None, label="shard", enabled=progress))
         if path.suffix.lower() not in (".npz", ".npy"):
             raise ValueError(f"--from {source}: unknown kind; valid are .npz, .csv, sklearn:NAME "
                              f"({', '.join(SKLEARN_SETS)})")
@@ -189,4 +202,5 @@ def shard_source(source: str, out: str | os.PathLike, *, split: str, seed: int, 
     if task not in ("classification", "regression"):
         raise ValueError(f"--task {task!r}: arrays sources hold x/y; valid are classification, regression")
     fields = _xy_fields(arrays["x"], arrays["y"], task)
-    return write_splits(_slices(arrays), out, task, fields, split, seed, config, source=source)
+    return write_splits(_slices(arrays), out, task, fields, split, seed, config, source=source,
+                        progress=Progress(len(arrays["x"]), label="shard", enabled=progress))

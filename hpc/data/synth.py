@@ -23,6 +23,7 @@ import numpy as np
 from hpc.data.manifest import FieldSpec, Manifest
 from hpc.data.sources import write_splits
 from hpc.data.writer import WriterConfig
+from hpc.util.progress import Progress
 
 KINDS = ("tabular", "images", "ratings")
 
@@ -128,12 +129,14 @@ def synth_chunks(cfg: SynthConfig) -> Iterator[dict[str, np.ndarray]]:
         yield _chunk(cfg, truth, index, min(cfg.chunk, cfg.samples - start))
 
 
-def synth(cfg: SynthConfig, out: str | os.PathLike, *, split: str = "train=0.8,val=0.1,test=0.1", writer: WriterConfig = WriterConfig()
-          ) -> dict[str, Manifest]:
+def synth(cfg: SynthConfig, out: str | os.PathLike, *, split: str = "train=0.8,val=0.1,test=0.1", writer: WriterConfig = WriterConfig(),
+          progress: bool = False) -> dict[str, Manifest]:
+    """``progress``: rows written so far on stderr (``hpc.util.progress``)."""
     counts = ({"num_users": cfg.users, "num_items": cfg.items} if cfg.kind == "ratings"
               else {"num_classes": cfg.classes})
     extra = {"synth": {k: v for k, v in cfg.__dict__.items()}}
     if cfg.kind == "ratings":
         extra["synth"]["noise_floor_rmse"] = cfg.noise
     return write_splits(synth_chunks(cfg), out, cfg.task, cfg.fields(), split, cfg.seed, writer,
-                        source=f"synth:{cfg.kind}", extra=extra, **counts)
+                        source=f"synth:{cfg.kind}", extra=extra,
+                        progress=Progress(cfg.samples, label="synth", enabled=progress), **counts)

@@ -15,6 +15,7 @@ import numpy as np
 
 from hpc.data.manifest import MANIFEST_NAME, Manifest, load_manifest
 from hpc.util.io import sha256_file
+from hpc.util.progress import Progress
 
 
 def _check_shard(m: Manifest, i: int, checksums: bool, counts: np.ndarray | None) -> list[str]:
@@ -56,8 +57,9 @@ def _check_shard(m: Manifest, i: int, checksums: bool, counts: np.ndarray | None
     return out
 
 
-def verify(split_dir: str | os.PathLike, checksums: bool = True) -> tuple[list[str], int]:
-    """Return (problems, shards checked) for one split."""
+def verify(split_dir: str | os.PathLike, checksums: bool = True,
+           progress: Progress | None = None) -> tuple[list[str], int]:
+    """Return (problems, shards checked) for one split; ``progress`` advances by each shard's rows."""
     try:
         m = load_manifest(split_dir)
     except ValueError as e:
@@ -71,25 +73,40 @@ def verify(split_dir: str | os.PathLike, checksums: bool = True) -> tuple[list[s
             problems.append(f"{where}: class_counts sum to {sum(m.class_counts)}, total_samples is {m.total_samples}")
     for i in range(len(m.shards)):
         problems += _check_shard(m, i, checksums, counts)
+        if progress is not None:
+            progress.update(m.shards[i].samples)
     if checksums and counts is not None and not problems and counts.tolist() != list(m.class_counts):
         problems.append(f"{where}: class counts in the shards {counts.tolist()} differ from the manifest's "
                         f"{m.class_counts}")
     return problems, len(m.shards)
 
 
-def verify_tree(path: str | os.PathLike, checksums: bool = True) -> tuple[list[str], int]:
-    """Verify a split directory, or every split under a data set directory."""
+def verify_tree(path: str | os.PathLike, checksums: bool = True, progress: bool = False) -> tuple[list[str], int]:
+    """Verify a split directory, or every split under a data set directory.
+
+    ``progress``: rows checked so far, of all splits, on stderr (``hpc.util.progress``)."""
     p = Path(path)
     if not p.exists():
         return [f"{p}: no such directory"], 0
-    if (p / MANIFEST_NAME).exists():
-        return verify(p, checksums)
-    splits = sorted(d.parent for d in p.glob(f"*/{MANIFEST_NAME}"))
+    splits = [p] if (p / MANIFEST_NAME).exists() else sorted(d.parent for d in p.glob(f"*/{MANIFEST_NAME}"))
     if not splits:
         return [f"{p}: no {MANIFEST_NAME} here or in its subdirectories"], 0
+    bar = Progress(_total_rows(splits) if progress else None, label="verify", enabled=progress)
     problems, n = [], 0
     for s in splits:
-        pr, k = verify(s, checksums)
+        pr, k = verify(s, checksums, bar)
         problems += pr
         n += k
+    bar.close()
     return problems, n
+
+
+def _total_rows(splits: list[Path]) -> int:
+    """Rows the manifests list (an unreadable manifest counts 0 here; verify() reports it)."""
+    total = 0
+    for s in splits:
+        try:
+            total += load_manifest(s).total_samples
+        except ValueError:
+            pass
+    return total

@@ -21,11 +21,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
-import yaml
-
-from hpc.models._typed import from_dict, require
+from hpc.models._typed import from_dict, read_yaml_mapping, require
 
 METHODS = ("bagging", "boosting", "stacking")
 _NAME_CHARS = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._-")
@@ -92,11 +90,9 @@ class EnsembleSpec:
     method: Literal["bagging", "boosting", "stacking"] = "bagging"
     overrides: list[str] = field(default_factory=list)
     seed: int = 0
-    # Parsed in check() rather than typed `X | None`: a union would hide the section's own error
-    # (an unknown key inside it) behind "expected mapping | null".
-    bagging: Any = None                 # BaggingParams
-    boosting: Any = None                # BoostingParams
-    stacking: Any = None                # StackingParams
+    bagging: BaggingParams | None = None     # None: the method's defaults (set by check)
+    boosting: BoostingParams | None = None
+    stacking: StackingParams | None = None
     members: list[MemberSpec] = field(default_factory=list)
     registry: RegistryParams = field(default_factory=RegistryParams)
     path: str | None = None             # the file it was read from (set by load_spec)
@@ -108,9 +104,9 @@ class EnsembleSpec:
         for other in METHODS:
             require(other == self.method or getattr(self, other) is None, f"{where}.{other}",
                     f"is given but method is {self.method}; remove it or set method: {other}")
-        cls = {"bagging": BaggingParams, "boosting": BoostingParams, "stacking": StackingParams}[self.method]
-        if not isinstance(getattr(self, self.method), cls):  # None = the method's defaults
-            setattr(self, self.method, from_dict(cls, getattr(self, self.method), f"{where}.{self.method}"))
+        if getattr(self, self.method) is None:
+            cls = {"bagging": BaggingParams, "boosting": BoostingParams, "stacking": StackingParams}[self.method]
+            setattr(self, self.method, from_dict(cls, None, f"{where}.{self.method}"))
         n = self.size
         if self.method != "stacking":
             require(len(self.members) in (0, n), f"{where}.members",
@@ -151,13 +147,7 @@ def load_spec(source: str | Path | dict) -> EnsembleSpec:
         if not path.is_file():
             raise ValueError(f"{path}: ensemble spec not found")
         where = str(path)
-        try:
-            data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-        except yaml.YAMLError as e:
-            raise ValueError(f"{path}: not valid YAML: {e}") from None
-        if not isinstance(data, dict):
-            raise ValueError(f"{path}: the top level must be a mapping of keys")
-        data = dict(data, path=str(path.resolve()))
+        data = dict(read_yaml_mapping(path), path=str(path.resolve()))
     try:
         return from_dict(EnsembleSpec, data, "ensemble")
     except ValueError as e:

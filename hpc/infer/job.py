@@ -38,6 +38,7 @@ from hpc.infer.output import (MANIFEST, SUCCESS, claim_output, partition_record,
 from hpc.infer.pipeline import score_shards
 from hpc.infer.writers import FORMATS, partition_name, write_partition
 from hpc.util.io import atomic_write_json, atomic_write_text, read_json, sha256_bytes, sha256_file
+from hpc.util.progress import Progress
 
 __all__ = ["InferConfig", "check_input", "load_scorer", "read_output", "run"]
 COMBINES = ("mean", "vote")
@@ -143,20 +144,24 @@ def job_identity(cfg: InferConfig, model_rec: dict, manifest) -> dict:
             "batch_size": cfg.batch_size, "top_k": cfg.top_k}
 
 
-def run(cfg: InferConfig, comm=None, log: Callable[[str], None] = print) -> dict:
-    """Run the job on this rank; returns the summary (rank 0's includes the manifest)."""
+def run(cfg: InferConfig, comm=None, log: Callable[[str], None] = print, progress: bool = False) -> dict:
+    """Run the job on this rank; returns the summary (rank 0's includes the manifest).
+
+    ``progress``: rank 0 reports the rows IT has scored of the rows of ITS shards on stderr
+    (``hpc.util.progress``): no collective or shared-file polling per line, and since shards are
+    balanced by samples, rank 0's share tracks the whole job's."""
     from hpc.dist import init_comm
 
     start = time.time()
     own_comm = comm is None
     comm = comm or init_comm("auto")
-    summary = _run(cfg, comm, log, start)
+    summary = _run(cfg, comm, log, start, progress)
     if own_comm:  # on success only: after an exception the comm's hook must still abort the others
         comm.close()
     return summary
 
 
-def _run(cfg: InferConfig, comm, log: Callable[[str], None], start: float) -> dict:
+def _run(cfg: InferConfig, comm, log: Callable[[str], None], start: float, progress: bool = False) -> dict:
     from hpc.data.manifest import load_manifest
     from hpc.data.partition import assign_shards
     from hpc.data.reader import check_shards
@@ -203,8 +208,10 @@ def _run(cfg: InferConfig, comm, log: Callable[[str], None], start: float) -> di
             time.sleep(delay)
 
     t0 = time.time()
-    waits = score_shards(scorer, manifest, todo, cfg.batch_size, cfg.prefetch, cfg.top_k, model_rec,
-                         device, publish)
+    label = "infer" if world.size == 1 else f"infer rank 0 of {world.size}"
+    with Progress(sum(counts[s] for s in todo), label=label, enabled=progress and world.is_main) as bar:
+        waits = score_shards(scorer, manifest, todo, cfg.batch_size, cfg.prefetch, cfg.top_k, model_rec,
+                             device, publish, bar)
     rows = waits.pop("rows")
     scoring_s = time.time() - t0
     mine_rec = {"rank": world.rank, "shards": len(mine), "written": len(todo),

@@ -61,8 +61,10 @@ def _get(q: queue.Queue, thread: _Thread):
 
 
 def score_shards(scorer, manifest, shards: list[int], batch_size: int, prefetch: int, top_k: int,
-                 model_rec: dict, device: torch.device, publish: Callable[[int, dict], None]) -> dict:
-    """Score ``shards`` in order; ``publish(shard, columns)`` runs on a writer thread.
+                 model_rec: dict, device: torch.device, publish: Callable[[int, dict], None],
+                 progress=None) -> dict:
+    """Score ``shards`` in order; ``publish(shard, columns)`` runs on a writer thread;
+    ``progress`` (an ``hpc.util.progress.Progress``) advances by each scored batch's rows.
 
     Returns ``{rows, read_wait_s, write_wait_s}``: the compute thread's time blocked on the reader
     (input-bound) and on the writer (output-bound); both near 0 means compute-bound.
@@ -112,6 +114,8 @@ def score_shards(scorer, manifest, shards: list[int], batch_size: int, prefetch:
                 with torch.inference_mode():
                     out = scorer(move(prepared, device, non_blocking=pin))
                 parts.append((keep, out.cpu()))
+                if progress is not None:
+                    progress.update(len(keep["index"]))
             cols = _columns(s, parts, ids, top_k, model_rec)
             rows += len(cols["index"])
             t0 = time.perf_counter()

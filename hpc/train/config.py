@@ -8,15 +8,15 @@ dataclass (``hpc.models.registry.model_config``). See docs/train.md for every ke
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
-
-from hpc.models._typed import from_dict, require, to_dict
+from hpc.models._typed import (check_override_key, dump_yaml as _dump_yaml, from_dict, parse_value,
+                               parsed_mapping, read_yaml_mapping, require, to_dict)
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 
@@ -65,13 +65,17 @@ class DataConfig:
 @dataclass
 class ModelSection:
     family: str = ""
-    config: dict = field(default_factory=dict)
+    # A mapping typed by the family's own dataclass: Any keeps its unquoted values as written (Raw)
+    # until check() parses them with those types, then keeps the parsed values.
+    config: Any = field(default_factory=dict)
 
     def check(self, where: str) -> None:
         from hpc.models.registry import list_models, model_config
 
         require(bool(self.family), f"{where}.family", f"is required; one of {', '.join(list_models())}")
-        model_config(self.family, self.config, f"{where}.config")
+        typed = model_config(self.family, self.config, f"{where}.config")
+        # model_config accepted it: a mapping, or null (the family's defaults)
+        self.config = parsed_mapping(self.config if isinstance(self.config, dict) else {}, typed)
 
 
 @dataclass
@@ -127,7 +131,7 @@ class TrainSection:
     monitor: str = "loss"              # val metric for best model / early stopping
     max_nonfinite: int = 3             # consecutive non-finite steps skipped before stopping
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"   # bf16/fp16: autocast (fp16 on GPU only)
-    progress: bool = True              # tqdm bar on rank 0
+    progress: bool = True              # rank 0: tqdm bar on a terminal, else a line every HPC_PROGRESS_S
 
     def check(self, where: str) -> None:
         require(self.epochs >= 1, f"{where}.epochs", f"must be >= 1, got {self.epochs}")
@@ -171,11 +175,20 @@ class MonitorSection:
     heartbeat_s: float = 5.0           # per-rank heartbeat/rank-R.json for `hpc status|report`; 0 = off
     hang_s: float = 0.0                # a step's comm phase longer than this writes a hang report; 0 = off
     on_hang: Literal["exit", "requeue"] = "exit"   # requeue: rank 0 requeues the Slurm job (resume=auto)
+    # Metric sinks (hpc.train.sinks, rank 0): copies of metrics.jsonl that never fail the run.
+    tensorboard: bool = False          # event files under <run_dir>/tensorboard/ (extra [tensorboard])
+    mlflow_uri: str = ""               # tracking URI: file:./mlruns, sqlite:///mlflow.db, http://host:5000; "" = off
+    mlflow_experiment: str = ""        # "" = the config's name
 
     def check(self, where: str) -> None:
         require(self.heartbeat_s >= 0, f"{where}.heartbeat_s", "must be >= 0")
         require(self.hang_s >= 0, f"{where}.hang_s", "must be >= 0")
         require(self.hang_s == 0 or self.heartbeat_s > 0, f"{where}.hang_s", "needs heartbeat_s > 0")
+        require(self.mlflow_uri == "" or (self.mlflow_uri.strip() == self.mlflow_uri and ":" in self.mlflow_uri),
+                f"{where}.mlflow_uri", f"must be a tracking URI such as file:./mlruns, sqlite:///mlflow.db or "
+                f"http://host:5000, got {self.mlflow_uri!r}")
+        require(not self.mlflow_experiment or bool(self.mlflow_uri), f"{where}.mlflow_experiment",
+                "needs monitor.mlflow_uri")
 
 
 @dataclass
@@ -241,21 +254,22 @@ def resolve_path(spec: str) -> Path:
 
 
 def parse_override(item: str) -> tuple[list[str], Any]:
+    """``"optim.lr=1e-3"`` -> ``(["optim", "lr"], Raw("1e-3"))``: the value is parsed like a YAML
+    value in a file (flow lists/mappings, quotes), its type decided later by the field it lands in."""
     if "=" not in item or item.startswith("="):
         raise ValueError(f"override {item!r}: expected key=value with a dotted key, e.g. optim.lr=0.01")
     key, raw = item.split("=", 1)
-    try:
-        value = yaml.safe_load(raw) if raw != "" else ""
-    except yaml.YAMLError:
-        value = raw
-    return key.strip().split("."), value
+    return key.strip().split("."), parse_value(raw)
 
 
-def apply_overrides(data: dict, overrides) -> dict:
-    """Set dotted keys in a nested dict (a copy); intermediate mappings are created as needed."""
-    data = json.loads(json.dumps(data))
+def apply_overrides(data: dict, overrides, cls: type | None = None) -> dict:
+    """Set dotted keys in a nested dict (a copy); intermediate mappings are created as needed.
+    With ``cls`` (a config dataclass) a key it does not have is refused, naming the nearest one."""
+    data = copy.deepcopy(data)  # deepcopy, not a JSON round trip: Raw values must stay Raw
     for item in overrides:
         keys, value = parse_override(item)
+        if cls is not None:
+            check_override_key(cls, keys, item)
         d = data
         for k in keys[:-1]:
             if not isinstance(d.get(k), dict):
@@ -275,13 +289,11 @@ def load_config(source: str | Path | dict | TrainConfig, overrides=()) -> TrainC
     else:
         path = resolve_path(str(source))
         where = str(path)
-        try:
-            data = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ValueError(f"{path}: not valid YAML: {e}") from None
-        if not isinstance(data, dict):
-            raise ValueError(f"{path}: the top level must be a mapping of keys")
-    data = apply_overrides(data, overrides)
+        data = read_yaml_mapping(path)
+    try:
+        data = apply_overrides(data, overrides, TrainConfig)
+    except ValueError as e:
+        raise ValueError(f"{where}: {e}" if where != "config" else str(e)) from None
     _import_plugins(data.get("imports") or [], where)
     try:
         return from_dict(TrainConfig, data, "config")
@@ -302,4 +314,5 @@ def _import_plugins(modules, where: str) -> None:
 
 
 def dump_yaml(cfg: TrainConfig) -> str:
-    return yaml.safe_dump(cfg.to_dict(), sort_keys=False)
+    """The resolved config as YAML that ``load_config`` reads back to the same config."""
+    return _dump_yaml(cfg.to_dict())

@@ -84,5 +84,13 @@ class MetricSums:
         return out
 
 
+def samples_per_s(samples: float, step_s: float) -> float:
+    """THE training throughput, one definition for metrics.jsonl, progress lines and summary.json
+    (which ``hpc report`` reads): global samples in completed optimizer steps / seconds spent
+    in those steps (data wait + compute + gradient sync; evaluation, checkpointing and start-up
+    excluded, so it measures the training loop, not how often one evaluates). 0 before any step."""
+    return samples / step_s if step_s > 0 else 0.0
+
+
 def higher_is_better(metric: str) -> bool:
     return metric in ("accuracy", "top5", "auc")

@@ -94,12 +94,18 @@ def setup_logging(rank: int, run_dir: Path | None) -> list[logging.Handler]:
 
 
 class MetricsLog:
-    """``metrics.jsonl`` (rank 0 appends; a resume first drops lines past the resumed step)."""
+    """``metrics.jsonl`` (rank 0 appends; a resume first drops lines past the resumed step).
 
-    def __init__(self, path: Path, enabled: bool):
-        self.path, self.enabled = path, enabled
+    ``sinks`` (``hpc.train.sinks.Sinks``, rank 0's TensorBoard/MLflow copies) get every record too:
+    every metric already passes here, so no call site needs to know about them.
+    """
+
+    def __init__(self, path: Path, enabled: bool, sinks=None):
+        self.path, self.enabled, self.sinks = path, enabled, sinks
 
     def truncate_after(self, step: int) -> None:
+        if self.sinks is not None:
+            self.sinks.resumed(step)
         if not self.enabled or not self.path.is_file():
             return
         keep = []
@@ -116,3 +122,11 @@ class MetricsLog:
             record.setdefault("time", round(time.time(), 3))
             with open(self.path, "a") as f:
                 f.write(json.dumps(record, default=float) + "\n")
+            if self.sinks is not None:
+                self.sinks.write(record)
+
+    def close(self, summary: dict | None = None) -> None:
+        """End the sinks with the run's summary (None: the run failed without one); the first call counts."""
+        sinks, self.sinks = self.sinks, None
+        if sinks is not None:
+            sinks.close(summary)

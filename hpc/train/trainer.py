@@ -24,10 +24,12 @@ from hpc.train import preempt
 from hpc.train.checkpoint import Checkpoints, load_model, save_model
 from hpc.train.config import AllRanksError, TrainConfig, dump_yaml
 from hpc.train.inputs import TARGET, Data, load_data
-from hpc.train.metrics import MetricSums, higher_is_better
+from hpc.train.metrics import MetricSums, higher_is_better, samples_per_s
 from hpc.train.optim import build_optimizer, lr_at, set_lr
 from hpc.train.rundir import MetricsLog, resolve_run_dir, setup_logging
+from hpc.train.sinks import open_sinks
 from hpc.util.io import atomic_write_json, atomic_write_text
+from hpc.util.progress import Progress, progress_interval_s
 from hpc.util.versions import code_version, versions
 
 log = logging.getLogger("hpc.train")
@@ -80,7 +82,8 @@ class Trainer:
                              bucket_mb=cfg.dist.bucket_mb,
                              compression=None if cfg.dist.compression == "none" else cfg.dist.compression)
         self.ckpt = Checkpoints(self.run_dir / "checkpoints", comm, cfg.checkpoint.keep)
-        self.metrics_log = MetricsLog(self.run_dir / "metrics.jsonl", self.rank == 0)
+        self.metrics_log = MetricsLog(self.run_dir / "metrics.jsonl", self.rank == 0,
+                                      open_sinks(cfg, self.run_dir, comm) if self.rank == 0 else None)
         steps_per_epoch = self.data.train.batches_per_epoch // cfg.train.grad_accum
         self.total_steps = cfg.train.max_steps or cfg.train.epochs * steps_per_epoch
         # Progress and bookkeeping (all of it goes into checkpoints, so resume continues exactly).
@@ -259,15 +262,23 @@ class Trainer:
     # -- the loop ---------------------------------------------------------------------------------
     def fit(self) -> dict:
         cfg, tc = self.cfg, self.cfg.train
+        try:
+            every_s = progress_interval_s()
+        except ValueError as e:  # the same environment on every rank: all stop here together (exit 2)
+            raise AllRanksError(str(e)) from None
         self.flag.install()
         self._start_monitor()
         reader, ga = self.data.train, tc.grad_accum
         per_epoch = reader.batches_per_epoch
-        bar = _progress(self.rank == 0 and tc.progress, self.total_steps, self.step)
+        # Before the first step, so a piped/Slurm log shows where the run writes from the start.
+        log.info("run %s: %d rank(s), backend %s, device %s; %d steps (%d per epoch)%s", self.run_dir,
+                 self.world, self.comm.backend, self.device, self.total_steps, per_epoch // ga,
+                 f", resuming at step {self.step}" if self.step else "")
+        bar = Progress(self.total_steps, label="train", noun="step", unit="steps", initial=self.step,
+                       enabled=self.rank == 0 and tc.progress, interval_s=every_s, emit=log.info)
         global_batch = cfg.data.batch_size * ga
         stop = None  # None | "early_stopping" | "preempted"
         self._last_ckpt_time = time.time()
-        t_loop = time.perf_counter()
         window_loss, window_n = 0.0, 0
         try:
             while self.step < self.total_steps and stop is None:
@@ -295,7 +306,7 @@ class Trainer:
                         self.timers["samples"] += global_batch
                         window_loss, window_n = window_loss + out["loss"], window_n + 1
                         if self.step % tc.log_every == 0:
-                            self._log_train(window_loss / window_n, out, t_loop, bar)
+                            self._log_train(window_loss / window_n, out, bar)
                             window_loss, window_n = 0.0, 0
                     # The epoch ends eagerly (before any checkpoint of this step boundary), so a
                     # checkpoint never has to remember "validation of the finished epoch pending".
@@ -313,7 +324,7 @@ class Trainer:
                             self.save_checkpoint()
                     if out["stop"]:
                         stop = "preempted"
-                    bar.update(self.step - bar.n)
+                    bar.set(self.step, epoch=self.epoch)
                     if epoch_end:
                         break
                 if hasattr(it, "close"):
@@ -344,22 +355,19 @@ class Trainer:
                 f"{tc.max_nonfinite}); stopping without checkpointing: lower optim.lr, set "
                 "optim.clip_grad_norm, or check the data")
 
-    def _log_train(self, loss: float, out: dict, t_loop: float, bar) -> None:
-        sps = self.timers["samples"] / max(time.perf_counter() - t_loop, 1e-9)
+    def _log_train(self, loss: float, out: dict, bar: Progress) -> None:
+        sps = samples_per_s(self.timers["samples"], self.timers["step"])
         lr = self.opt.param_groups[0]["lr"]
         self.metrics_log.write(kind="train", step=self.step, epoch=self.epoch, loss=loss, lr=lr,
                                grad_norm=out["grad_norm"], samples_per_s=sps)
-        bar.set_postfix(loss=f"{loss:.4f}", sps=f"{sps:,.0f}", refresh=False)
-        if not bar.enabled:
-            log.info("step %d/%d epoch %d loss %.4f lr %.3g %.0f samples/s", self.step, self.total_steps,
-                     self.epoch, loss, lr, sps)
+        # The periodic progress line (or the bar) shows these; metrics.jsonl keeps every one.
+        bar.set_fields(loss=f"{loss:.4f}", **{"samples/s": sps})
 
     # -- the end ----------------------------------------------------------------------------------
-    def _finish(self, state: str, reason: str | None, bar) -> dict:
+    def _finish(self, state: str, reason: str | None, bar: Progress) -> dict:
         bar.close()
         self.flag.uninstall()
         self._stop_monitor(state)
-        train_time = self.timers["step"]
         metrics: dict = {"val": self.best.get("metrics") or {}, "test": {}}
         if state == "completed":
             if self.rank == 0:
@@ -391,7 +399,7 @@ class Trainer:
             "optimizer": {"name": self.cfg.optim.name, "fused": self.cfg.optim.fused,
                           "step": getattr(self.opt, "kernel_path", "torch.optim")},
             "precision": self.cfg.train.precision,
-            "samples_per_s": self.timers["samples"] / step_t if train_time > 0 else 0.0,
+            "samples_per_s": samples_per_s(self.timers["samples"], self.timers["step"]),
             "time_fractions": {"data_wait": self.timers["data"] / step_t, "comm_wait": self.timers["comm"] / step_t},
             "wall_s": time.time() - self.t_start, "config_hash": self.cfg.hash(),
             "versions": versions(), "code_version": code_version(),
@@ -403,6 +411,7 @@ class Trainer:
             if state == "completed" and self.cfg.registry is not None:
                 summary["registry"] = _register(self.cfg, self.run_dir)
                 atomic_write_json(self.run_dir / "summary.json", summary)
+            self.metrics_log.close(summary)  # TensorBoard/MLflow: the final state, then drained
             log.info("run %s at step %d%s; summary: %s", state, self.step, f" ({reason})" if reason else "",
                      self.run_dir / "summary.json")
         return summary
@@ -444,6 +453,7 @@ class Trainer:
 
     def close(self) -> None:
         self._stop_monitor("failed")  # no-op after _finish (only the first close counts)
+        self.metrics_log.close()       # likewise: marks an MLflow run FAILED only when _finish never ran
         self.flag.uninstall()
         self.sync.remove()
         for h in self._handlers:
@@ -490,23 +500,3 @@ def _seed_everything(seed: int) -> None:
     np.random.seed(seed % (1 << 32))
     torch.manual_seed(seed)
 
-
-class _NoBar:
-    enabled = False
-    n = 0
-
-    def update(self, n): self.n += n  # noqa: E704
-    def set_postfix(self, **kw): pass  # noqa: E704
-    def close(self): pass  # noqa: E704
-
-
-def _progress(enabled: bool, total: int, initial: int):
-    import sys
-
-    if not enabled or not sys.stderr.isatty():  # in log files a bar is noise: log lines instead
-        return _NoBar()
-    from tqdm import tqdm
-
-    bar = tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True, mininterval=1.0, leave=False)
-    bar.enabled = True
-    return bar

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 
 def register(sub) -> None:
-    p = sub.add_parser("report", help="report.html + plots: curves, throughput, step times, time split, "
-                                      "checkpoints, goodput; sweep comparison; batch-scoring rows/s")
+    p = sub.add_parser("report", help="report.html + plots: loss (log axis), lr and grad norm, throughput, "
+                                      "step times, time split, checkpoints, start-up and goodput; sweep "
+                                      "comparison; batch-scoring rows/s")
     p.add_argument("target", metavar="RUN_DIR|SWEEP_DIR|INFER_OUT",
                    help="a run directory, a directory of runs (sweep/ensemble), or a batch-inference output")
     p.add_argument("--out", default=None, metavar="DIR", help="where to write (default: TARGET/report)")

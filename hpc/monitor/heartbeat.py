@@ -8,8 +8,15 @@ distribution, throughput over time).
 
 The file also keeps the history a report needs without the trainer's metrics: a log-bucket
 histogram of step times, the durations of checkpoint/eval phases, a decimated (time, step,
-samples) series and one entry per attempt (a Slurm requeue restarts the process: the new
-Heartbeat finds the old file and appends an attempt, so time lost to requeues can be computed).
+samples, step seconds) series and one entry per attempt (a Slurm requeue restarts the process: the
+new Heartbeat finds the old file and appends an attempt, so time lost to requeues can be computed;
+each attempt notes when its first step began, so start-up is told apart from idle time).
+
+``samples_per_s`` is this rank's share of the one training throughput (docs/operability.md,
+``hpc.train.metrics.samples_per_s``): samples in completed steps / seconds those steps took, each
+from entering its first step phase (data) to leaving its last (the optimizer's compute), as the
+trainer times them; evaluation, checkpointing and start-up (all after ``set_step`` or before the
+first step) excluded.
 """
 
 from __future__ import annotations
@@ -136,6 +143,10 @@ class Heartbeat:
         self.samples = 0
         self._first_step: int | None = None
         self._step_t: float | None = None
+        self._step_s = 0.0                  # seconds of the steps up to the last set_step
+        self._step_begin: float | None = None   # the step in progress entered its first step phase
+        self._step_end = 0.0                # ... and last left one
+        self._busy_t: float | None = None   # when the first step phase began: the end of start-up
         self._hist = [0] * HIST_BUCKETS
         self._events: list[list] = []
         self._series: list[list] = []
@@ -171,6 +182,13 @@ class Heartbeat:
         now = self._mono()
         prev, since = self._cur
         self._phase_s[prev] += now - since
+        if name in STEP_PHASES:
+            if self._step_begin is None:
+                self._step_begin = now
+                if self._busy_t is None:
+                    self._busy_t = now
+        elif prev in STEP_PHASES:
+            self._step_end = now
         if prev in _EVENT_PHASES and len(self._events) < EVENTS_MAX:
             self._events.append([prev, round(self.started + since - self._t0, 3), round(now - since, 4),
                                  self.step])
@@ -185,6 +203,12 @@ class Heartbeat:
         else:
             self._first_step = step
         self._step_t = now
+        # The step's seconds, first step phase to last (the gaps between phases included, as in the
+        # trainer's timer); counted here so samples/s covers only completed steps.
+        if self._step_begin is not None:
+            inside = self._cur[0] in STEP_PHASES
+            self._step_s += (now if inside else self._step_end) - self._step_begin
+            self._step_begin = now if inside else None
         self.step, self.epoch = step, epoch
         self.samples += samples
 
@@ -203,15 +227,17 @@ class Heartbeat:
         elapsed = now_m - self._t0
         if record:
             if self._beats % self._series_every == 0:
-                self._series.append([round(elapsed, 3), self.step, self.samples])
+                self._series.append([round(elapsed, 3), self.step, self.samples, round(self._step_s, 4)])
                 if len(self._series) > SERIES_MAX:  # keep the whole run at halving resolution
                     self._series = self._series[::2]
                     self._series_every *= 2
             self._beats += 1
-            self._recent.append([elapsed, self.step, self.samples])
-        rate = _rate(list(self._recent))
+            self._recent.append([elapsed, self.step])
+        busy = self._busy_t
         attempt = {"restart_count": self.restart_count, "job_id": self.job_id, "started": self.started,
                    "last": now, "first_step": self._first_step, "last_step": self.step,
+                   # None until the first step begins: the whole attempt so far is start-up.
+                   "first_step_t": None if busy is None else round(self.started + busy - self._t0, 3),
                    "phase_s": {k: round(v, 4) for k, v in phase_s.items()}}
         return {
             "format_version": FORMAT_VERSION, "rank": self.rank, "world_size": self.world_size,
@@ -219,7 +245,9 @@ class Heartbeat:
             "restart_count": self.restart_count, "state": self.state,
             "time": now, "started": self.started, "interval_s": self.interval_s,
             "step": self.step, "epoch": self.epoch, "total_steps": self.total_steps,
-            "samples": self.samples, "samples_per_s": rate[0], "steps_per_s": rate[1],
+            "samples": self.samples, "step_s": round(self._step_s, 4),
+            "samples_per_s": round(self.samples / self._step_s, 3) if self._step_s > 0 and self.samples else None,
+            "steps_per_s": _steps_per_s(list(self._recent)),
             "phase": name, "phase_elapsed_s": round(now_m - since, 4),
             "phase_s": {k: round(v, 4) for k, v in phase_s.items()},
             "step_hist": {"lo_s": HIST_LO_S, "per_decade": HIST_PER_DECADE, "counts": list(self._hist)},
@@ -270,13 +298,10 @@ class Heartbeat:
         return old if isinstance(old, dict) else {}
 
 
-def _rate(series: list[list]) -> tuple[float | None, float | None]:
-    """(samples/s, steps/s) between the first and last of ``series`` [(t, step, samples)] (pure)."""
-    pts = [p for p in series if p[1] is not None]
-    if len(pts) < 2:
-        return None, None
-    a, b = pts[0], pts[-1]
-    dt = b[0] - a[0]
-    if dt <= 0:
-        return None, None
-    return round((b[2] - a[2]) / dt, 3), round((b[1] - a[1]) / dt, 5)
+def _steps_per_s(recent: list[list]) -> float | None:
+    """Steps per wall second over the last few beats [(t, step)] (pure). Wall time, evaluation and
+    checkpoints included, because this is what the ETA needs, unlike samples/s."""
+    pts = [p for p in recent if p[1] is not None]
+    if len(pts) < 2 or pts[-1][0] <= pts[0][0]:
+        return None
+    return round((pts[-1][1] - pts[0][1]) / (pts[-1][0] - pts[0][0]), 5)

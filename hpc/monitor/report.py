@@ -1,10 +1,11 @@
 """`hpc report RUN_DIR|SWEEP_DIR|INFER_OUT [--out DIR]`: report.html + PNG plots (matplotlib, Agg).
 
-One page per call. A run directory gets: loss/metric curves (train and val), throughput over
-time, the per-rank step-time distribution, data wait vs comm vs compute per rank, checkpoint
-durations, and where the allocated time went (goodput; time lost to requeues). A directory of
-runs (a sweep, an ensemble's members) gets a comparison table and plot, then each run's
-section. A batch-inference output directory gets rows/s over time and per rank.
+One page per call. A run directory gets: loss (log axis) and metric curves (train and val), the
+learning rate and gradient norm, throughput over time, the per-rank step-time distribution, data
+wait vs comm vs compute per rank, checkpoint durations, and where the allocated time went
+(start-up stated apart; goodput; time lost to requeues). A directory of runs (a sweep, an
+ensemble's members) gets a comparison table and plot, then each run's section. A batch-inference
+output directory gets rows over time and rows/s per rank, both from one definition.
 Plots without data are left out with a line saying why, never drawn empty.
 """
 
@@ -20,7 +21,9 @@ from hpc.monitor import rundata as R
 from hpc.monitor.heartbeat import PHASES, hist_edges
 
 COLORS = {"data": "#4c78a8", "compute": "#54a24b", "comm": "#e45756", "checkpoint": "#b279a2",
-          "eval": "#f58518", "idle": "#bab0ac", "redone": "#9d755d", "productive": "#54a24b"}
+          "eval": "#f58518", "idle": "#bab0ac", "redone": "#9d755d", "productive": "#54a24b",
+          "startup": "#72b7b2"}
+LOG_AXIS = ("loss", "rmse")   # errors shrink by decades: on a linear axis everything late is flat
 CSS = """body{font-family:system-ui,sans-serif;margin:2em;max-width:1100px;color:#222}
 h1{font-size:1.5em}h2{border-bottom:1px solid #ccc;padding-bottom:.2em}table{border-collapse:collapse;margin:1em 0}
 td,th{border:1px solid #ccc;padding:.25em .6em;text-align:right}th{background:#f3f3f3}td.l,th.l{text-align:left}
@@ -87,16 +90,22 @@ class Page:
 def run_section(page: Page, rd: R.RunData, prefix: str) -> None:
     s = rd.summary
     page.h2(f"run {rd.name}")
+    sps, src = R.run_samples_per_s(s, R.last_of_kind(rd.metrics, "train"), rd.heartbeats)
+    g = R.goodput(rd.heartbeats)
     facts = [["directory", str(rd.path)], ["state", s.get("state", "(no summary.json: running or killed)")],
              ["model", (s.get("model") or {}).get("family")], ["world size", s.get("world_size")],
              ["backend", s.get("backend")], ["steps", f"{s.get('step')} / {s.get('total_steps')}"],
-             ["samples/s", s.get("samples_per_s")], ["wall s", s.get("wall_s")]]
+             ["samples/s", sps], ["samples/s from", src or "-"], ["wall s", s.get("wall_s")],
+             ["start-up s", g.get("startup_s")],
+             ["goodput %", None if g.get("goodput") is None else 100 * g["goodput"]]]
     for split in ("val", "test"):
         for k, v in ((s.get("metrics") or {}).get(split) or {}).items():
             facts.append([f"{split} {k}", v])
     page.table(["", "value"], [[a, b] for a, b in facts])
+    page.p(SAMPLES_PER_S, note=True)
     _curves(page, rd, prefix)
-    _throughput(page, rd, prefix)
+    _optimizer(page, rd, prefix)
+    _throughput(page, rd, prefix, sps)
     _step_times(page, rd, prefix)
     _phases(page, rd, prefix)
     _checkpoints(page, rd, prefix)
@@ -118,15 +127,53 @@ def _curves(page: Page, rd: R.RunData, prefix: str) -> None:
                 if k in c:
                     ax.plot(*c[k], style, label=label, markersize=4)
             ax.set_xlabel("step")
-            ax.set_title(k)
+            _log_if_positive(ax, k in LOG_AXIS, [c[k][1] for c in (train, val) if k in c])
+            ax.set_title(k + (" (log scale)" if ax.get_yscale() == "log" else ""))
             ax.legend()
-    page.figure(f"{prefix}curves.png", "loss and metric curves, train and val", draw,
-                size=(4.5 * len(names), 3.6))
+    logs = [k for k in names if k in LOG_AXIS]
+    page.figure(f"{prefix}curves.png", "loss and metric curves, train and val"
+                + (f" ({', '.join(logs)} on a log axis)" if logs else ""), draw, size=(4.5 * len(names), 3.6))
 
 
-def _throughput(page: Page, rd: R.RunData, prefix: str) -> None:
+def _log_if_positive(ax, want: bool, values: list[list[float]]) -> None:
+    """A log y axis when asked and every value is positive (a log axis cannot show 0 or less)."""
+    vals = [v for vs in values for v in vs if v == v]
+    if want and vals and min(vals) > 0:
+        ax.set_yscale("log")
+
+
+def _optimizer(page: Page, rd: R.RunData, prefix: str) -> None:
+    page.h3("Learning rate and gradient norm")
+    train = R.curves(rd.metrics, "train")
+    panels = [(k, t) for k, t in (("lr", "learning rate"), ("grad_norm", "gradient norm (before clipping)"))
+              if k in train]
+    if not panels:
+        page.p("no lr or grad_norm in the train records of metrics.jsonl", note=True)
+        return
+
+    def draw(fig):
+        for i, (k, title) in enumerate(panels):
+            ax = fig.add_subplot(1, len(panels), i + 1)
+            steps, vals = train[k]
+            ax.plot(steps, vals, "-", color="#4c78a8")
+            ax.set_xlabel("step")
+            # grad norm spikes span decades; lr schedules (warm-up, decay) read best on a log axis
+            # once they cover more than two decades, else linear shows the shape.
+            pos = [v for v in vals if v > 0]
+            _log_if_positive(ax, k == "grad_norm" or (len(pos) == len(vals) and max(pos) > 100 * min(pos)), [vals])
+            ax.set_title(title + (" (log scale)" if ax.get_yscale() == "log" else ""))
+    page.figure(f"{prefix}optimizer.png", "learning rate and gradient norm per step", draw,
+                size=(4.5 * len(panels), 3.4))
+
+
+SAMPLES_PER_S = ("samples/s = global samples in completed optimizer steps / seconds spent in those steps "
+                 "(data wait + compute + gradient sync; evaluation, checkpointing and start-up excluded); "
+                 "the same figure in the training log, metrics.jsonl, summary.json and hpc status.")
+
+
+def _throughput(page: Page, rd: R.RunData, prefix: str, run_sps: float | None) -> None:
     page.h3("Throughput over time")
-    xm, ym = R.throughput_from_metrics(rd.metrics, R.global_batch(rd))
+    xm, ym = R.throughput_from_metrics(rd.metrics)
     # Heartbeat series are seconds since their process started: shift them to epoch time.
     rank_series = {}
     for r, hb in sorted(rd.heartbeats.items()):
@@ -143,14 +190,18 @@ def _throughput(page: Page, rd: R.RunData, prefix: str) -> None:
     def draw(fig):
         ax = fig.add_subplot(1, 1, 1)
         if xm:
-            ax.plot([(x - t0) / 60 for x in xm], ym, "-", color="black", label="all ranks (metrics.jsonl)")
+            ax.plot([(x - t0) / 60 for x in xm], ym, "-", color="black",
+                    label="all ranks (metrics.jsonl: since the attempt began)")
+        if run_sps is not None:
+            ax.axhline(run_sps, color="black", linestyle=":", label=f"the run: {run_sps:,.1f}")
         for r, (x, y) in rank_series.items():
-            ax.plot([(t - t0) / 60 for t in x], y, "-", alpha=0.6, label=f"rank {r} (heartbeat, last attempt)")
+            ax.plot([(t - t0) / 60 for t in x], y, "-", alpha=0.6,
+                    label=f"rank {r}'s share (heartbeat, per interval, last attempt)")
         ax.set_xlabel("minutes since the run's first record")
-        ax.set_ylabel("samples/s")
+        ax.set_ylabel("samples/s (step time only)")
         ax.set_ylim(bottom=0)
         ax.legend(fontsize=8)
-    page.figure(f"{prefix}throughput.png", "throughput over time", draw)
+    page.figure(f"{prefix}throughput.png", "throughput over time (samples/s of step time)", draw)
 
 
 def _step_times(page: Page, rd: R.RunData, prefix: str) -> None:
@@ -183,13 +234,9 @@ def _step_times(page: Page, rd: R.RunData, prefix: str) -> None:
 
 def _phases(page: Page, rd: R.RunData, prefix: str) -> None:
     page.h3("Data wait vs comm vs compute")
-    tot = {}
-    for r, hb in sorted(rd.heartbeats.items()):
-        acc = dict.fromkeys(PHASES, 0.0)
-        for a in hb.get("attempts") or []:
-            for k, v in (a.get("phase_s") or {}).items():
-                acc[k] = acc.get(k, 0.0) + float(v)
-        tot[r] = acc
+    tot = {r: R.phase_totals(hb) for r, hb in sorted(rd.heartbeats.items())}
+    shown = ("startup",) + PHASES
+    names = {"startup": "start-up"}
     if not tot:
         frac = rd.summary.get("time_fractions")
         page.p(f"no heartbeats; the trainer's own split: {frac}" if frac else "no phase times", note=True)
@@ -199,19 +246,19 @@ def _phases(page: Page, rd: R.RunData, prefix: str) -> None:
         ax = fig.add_subplot(1, 1, 1)
         ranks = list(tot)
         left = [0.0] * len(ranks)
-        for ph in PHASES:
+        for ph in shown:
             vals = [tot[r].get(ph, 0.0) for r in ranks]
-            ax.barh([f"rank {r}" for r in ranks], vals, left=left, color=COLORS[ph], label=ph)
+            ax.barh([f"rank {r}" for r in ranks], vals, left=left, color=COLORS[ph], label=names.get(ph, ph))
             left = [a + b for a, b in zip(left, vals)]
         ax.set_xlabel("seconds (all attempts)")
-        ax.legend(ncol=6, fontsize=8, loc="lower center", bbox_to_anchor=(0.5, 1.0), frameon=False)
+        ax.legend(ncol=7, fontsize=8, loc="lower center", bbox_to_anchor=(0.5, 1.0), frameon=False)
     page.figure(f"{prefix}phases.png", "data wait vs comm vs compute per rank", draw,
                 size=(9, 1.2 + 0.45 * len(tot)))
     rows = []
     for r, acc in tot.items():
         busy = sum(acc.values()) or 1.0
-        rows.append([r] + [100 * acc.get(ph, 0) / busy for ph in PHASES])
-    page.table(["rank"] + [f"{ph} %" for ph in PHASES], rows)
+        rows.append([r] + [100 * acc.get(ph, 0) / busy for ph in shown])
+    page.table(["rank"] + [f"{names.get(ph, ph)} %" for ph in shown], rows)
 
 
 def _checkpoints(page: Page, rd: R.RunData, prefix: str) -> None:
@@ -239,7 +286,8 @@ def _goodput(page: Page, rd: R.RunData, prefix: str) -> None:
     if not g["attempts"]:
         page.p("no attempts recorded (no heartbeats): goodput unknown", note=True)
         return
-    parts = ("productive", "redone", "checkpoint", "eval", "idle")
+    parts = ("startup", "productive", "redone", "checkpoint", "eval", "idle")
+    names = {"startup": "start-up", "idle": "idle (waits outside steps)"}
 
     def draw(fig):
         ax = fig.add_subplot(1, 1, 1)
@@ -247,20 +295,24 @@ def _goodput(page: Page, rd: R.RunData, prefix: str) -> None:
         left = [0.0] * len(labels)
         for k in parts:
             vals = [a[f"{k}_s"] for a in g["attempts"]]
-            ax.barh(labels, vals, left=left, color=COLORS[k], label="idle (start-up, waits)" if k == "idle" else k)
+            ax.barh(labels, vals, left=left, color=COLORS[k], label=names.get(k, k))
             left = [x + y for x, y in zip(left, vals)]
         ax.set_xlabel("allocated seconds (mean over ranks)")
-        ax.set_title(f"goodput {100 * (g['goodput'] or 0):.1f}%: productive step time / allocated time", pad=22)
-        ax.legend(ncol=5, fontsize=8, loc="lower center", bbox_to_anchor=(0.5, 1.0), frameon=False)
-    page.figure(f"{prefix}goodput.png", "time lost to requeues and goodput", draw,
+        ax.set_title(f"goodput {100 * (g['goodput'] or 0):.1f}%: productive step time / "
+                     "(allocated time - first start-up)", pad=22)
+        ax.legend(ncol=6, fontsize=8, loc="lower center", bbox_to_anchor=(0.5, 1.0), frameon=False)
+    page.figure(f"{prefix}goodput.png", "start-up, time lost to requeues, and goodput", draw,
                 size=(9, 1.6 + 0.5 * len(g["attempts"])))
-    page.p(f"goodput {100 * (g['goodput'] or 0):.1f}% of {g['allocated_s']:.0f} allocated s; {g['requeues']} "
-           f"requeue(s) lost {g['lost_to_requeues_s']:.0f} s (redone steps + restart); "
-           f"{g['queue_s']:.0f} s waiting in the queue between attempts (not allocated)")
-    page.table(["attempt", "restart", "steps", "allocated s", "productive s", "redone s", "checkpoint s",
-                "eval s", "idle s"],
+    page.p(f"start-up {g['startup_s']:.1f} s (process start to the first step: imports, data, model, "
+           f"checkpoint load), not counted against goodput; goodput {100 * (g['goodput'] or 0):.1f}% of the "
+           f"{g['allocated_s'] - g['startup_s']:.0f} s after it ({g['allocated_s']:.0f} allocated s); "
+           f"{g['requeues']} requeue(s) lost {g['lost_to_requeues_s']:.0f} s (redone steps + "
+           f"{g['restart_s']:.0f} s restarting); {g['queue_s']:.0f} s waiting in the queue between attempts "
+           "(not allocated)")
+    page.table(["attempt", "restart", "steps", "allocated s", "start-up s", "productive s", "redone s",
+                "checkpoint s", "eval s", "idle s"],
                [[a["attempt"], a["restart_count"], f"{a['first_step']}-{a['last_step']}", a["allocated_s"],
-                 a["productive_s"], a["redone_s"], a["checkpoint_s"], a["eval_s"], a["idle_s"]]
+                 a["startup_s"], a["productive_s"], a["redone_s"], a["checkpoint_s"], a["eval_s"], a["idle_s"]]
                 for a in g["attempts"]])
 
 
@@ -275,9 +327,10 @@ def sweep_section(page: Page, runs: list[R.RunData], params: list[dict]) -> None
     for rd, par in zip(runs, params):
         val = (rd.summary.get("metrics") or {}).get("val") or {}
         g = R.goodput(rd.heartbeats)
+        sps = R.run_samples_per_s(rd.summary, R.last_of_kind(rd.metrics, "train"), rd.heartbeats)[0]
         rows.append([rd.name, rd.summary.get("state", "-"), (rd.summary.get("model") or {}).get("family"),
                      rd.summary.get("step")] + [str(par.get(k, "")) for k in pkeys] + [val.get(k) for k in metric_keys] +
-                    [rd.summary.get("samples_per_s"), rd.summary.get("wall_s"),
+                    [sps, rd.summary.get("wall_s"),
                      None if g.get("goodput") is None else 100 * g["goodput"]])
     page.table(["run", "state", "model", "steps"] + pkeys + [f"val {k}" for k in metric_keys] +
                ["samples/s", "wall s", "goodput %"], rows)
@@ -309,34 +362,45 @@ def infer_section(page: Page, out: Path) -> None:
                                ["partitions", len(info["parts"])], ["format", man.get("format")],
                                ["ranks", man.get("world_size")], ["scoring s", man.get("scoring_s")],
                                ["finished", "yes (_SUCCESS)" if (out / "_SUCCESS").exists() else "no"]])
-    if info["ranks"]:
+    ranks, total = info["ranks"], info["all_ranks"]
+    if ranks:
+        page.p(ROWS_PER_S, note=True)
         page.table(["rank", "rows", "scoring s", "rows/s", "written", "skipped"],
                    [[r["rank"], r["rows"], r["scoring_s"], r["rows_per_s"], r["written"], r["skipped"]]
-                    for r in info["ranks"]])
-    parts = info["parts"]
-    if len(parts) < 2:
-        page.p("fewer than two finished partitions: no rows/s curve", note=True)
+                    for r in ranks]
+                   + [["all ranks", total["rows"], total["scoring_s"], total["rows_per_s"],
+                       sum(r["written"] or 0 for r in ranks), sum(r["skipped"] or 0 for r in ranks)]])
+    xs, cum = info["series"]
+    if len(xs) < 2:
+        page.p("no finished partitions of this run: no rows-over-time plot", note=True)
         return
-    t0 = parts[0][0]
+    bars = [(f"rank {r['rank']}", r["rows_per_s"]) for r in ranks if r["rows_per_s"] is not None]
+    if total["rows_per_s"] is not None:
+        bars.append(("all ranks", total["rows_per_s"]))
 
     def draw(fig):
-        ax = fig.add_subplot(1, 2, 1)
-        cum, xs, ys = 0, [], []
-        for t, n, _ in parts:
-            cum += n
-            xs.append(t - t0)
-            ys.append(cum)
-        ax.plot(xs, ys, "o-", markersize=3)
-        ax.set_xlabel("seconds since the first partition finished")
+        ax = fig.add_subplot(1, 2 if bars else 1, 1)
+        ax.plot(xs, cum, "o-", markersize=3, label="rows written (partitions finished)")
+        if total["rows_per_s"] is not None:
+            ax.plot([0, xs[-1]], [0, total["rows_per_s"] * xs[-1]], ":", color="black",
+                    label=f"all ranks: {total['rows_per_s']:,.0f} rows/s")
+        ax.set_xlabel("seconds since scoring started (estimated)" if info["from_scoring_start"]
+                      else "seconds since the first partition finished (no _MANIFEST.json yet)")
         ax.set_ylabel("rows written")
-        ax2 = fig.add_subplot(1, 2, 2)
-        rx = [(a[0] + b[0]) / 2 - t0 for a, b in zip(parts, parts[1:]) if b[0] > a[0]]
-        ry = [b[1] / (b[0] - a[0]) for a, b in zip(parts, parts[1:]) if b[0] > a[0]]
-        ax2.plot(rx, ry, "o-", markersize=3)
-        ax2.set_xlabel("seconds")
-        ax2.set_ylabel("rows/s (between partitions)")
-        ax2.set_ylim(bottom=0)
-    page.figure("infer_rows.png", "batch scoring rows over time", draw)
+        ax.legend(fontsize=8)
+        if bars:
+            ax2 = fig.add_subplot(1, 2, 2)
+            ax2.barh([b[0] for b in bars], [b[1] for b in bars], color="#4c78a8")
+            ax2.set_xlabel("rows/s (rows written / scoring s)")
+            ax2.set_title("rows/s, as in the table")
+    page.figure("infer_rows.png", "batch scoring: rows over time and rows/s per rank", draw)
+    if not bars:
+        page.p("the job has not finished (no _MANIFEST.json): rows/s per rank appear when it does", note=True)
+
+
+ROWS_PER_S = ("rows/s = rows written / scoring seconds: a rank's time from its first batch read to its last "
+              "partition written (model loading excluded); all ranks = every rank's rows over the slowest "
+              "rank's seconds. The plot below uses the same figures.")
 
 
 def make_report(target: str | os.PathLike, out: str | os.PathLike | None = None) -> tuple[Path, list[str]]:

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from hpc.monitor.heartbeat import STEP_PHASES, hist_quantile, read_heartbeats
+from hpc.monitor.heartbeat import PHASES, STEP_PHASES, hist_quantile, read_heartbeats
 from hpc.util.io import read_json
 
 RUN_MARKERS = ("summary.json", "metrics.jsonl", "heartbeat")
@@ -103,47 +103,61 @@ def curves(metrics: list[dict], kind: str) -> dict[str, tuple[list[float], list[
     return {k: (sorted(d), [d[s] for s in sorted(d)]) for k, d in by.items()}
 
 
-def global_batch(rd: RunData) -> int | None:
-    try:
-        return int(rd.config["data"]["batch_size"]) * int((rd.config.get("train") or {}).get("grad_accum", 1))
-    except (KeyError, TypeError, ValueError):
-        return None
+def last_of_kind(metrics: list[dict], kind: str) -> dict | None:
+    """The last metrics.jsonl record of ``kind`` (train, val, test), or None (pure)."""
+    return next((r for r in reversed(metrics) if r.get("kind") == kind), None)
 
 
-def throughput_from_metrics(metrics: list[dict], batch: int | None) -> tuple[list[float], list[float]]:
-    """(epoch time, samples/s) between consecutive train records (pure).
-
-    With the global batch known, the rate is Δstep·batch/Δtime (what happened in that window); else
-    the trainer's own running average. A window across a requeue (the step goes back, or the gap is
-    over 5x the median) becomes a NaN point, which breaks the plotted line instead of bridging it.
+def run_samples_per_s(summary: dict | None, last_train: dict | None,
+                      heartbeats: dict[int, dict]) -> tuple[float | None, str | None]:
+    """The run's samples/s and where it came from (pure); what `hpc status`, `hpc report` and the
+    trainer's log all show. One definition (docs/operability.md, ``hpc.train.metrics.samples_per_s``):
+    global samples in completed optimizer steps / seconds spent in those steps. The trainer writes
+    it to summary.json at the end and to every metrics.jsonl train record; heartbeats carry each
+    rank's share, summed here only for a trainer that writes neither.
     """
-    recs = [r for r in metrics if r.get("kind") == "train" and r.get("time") is not None and r.get("step") is not None]
-    if not recs:
-        return [], []
+    if (summary or {}).get("samples_per_s") is not None:
+        return float(summary["samples_per_s"]), "summary.json"
+    if (last_train or {}).get("samples_per_s") is not None:
+        return float(last_train["samples_per_s"]), f"metrics.jsonl, step {last_train.get('step')}"
+    rates = [float(hb["samples_per_s"]) for hb in heartbeats.values() if hb.get("samples_per_s") is not None]
+    if rates:
+        return sum(rates), f"heartbeats, sum of {len(rates)} rank(s)"
+    return None, None
+
+
+def throughput_from_metrics(metrics: list[dict]) -> tuple[list[float], list[float]]:
+    """(epoch time, samples/s) of the train records: the trainer's own figure, the definition of
+    ``run_samples_per_s`` (pure). A requeue (the step goes back, or a gap over 5x the median)
+    becomes a NaN point, which breaks the plotted line instead of bridging the attempts.
+    """
+    recs = [r for r in metrics if r.get("kind") == "train" and r.get("time") is not None and
+            r.get("step") is not None and r.get("samples_per_s") is not None]
     xs, ys = [], []
     dts = sorted(b["time"] - a["time"] for a, b in zip(recs, recs[1:]))
     gap = 5 * dts[len(dts) // 2] if dts else 0.0
-    for a, b in zip(recs, recs[1:]):
-        dt, ds = b["time"] - a["time"], b["step"] - a["step"]
-        if ds <= 0 or (gap > 0 and dt > gap):  # a requeue (step goes back, or a long pause): break the line
-            xs.append(b["time"])
+    for i, r in enumerate(recs):
+        if i and (r["step"] <= recs[i - 1]["step"] or (gap > 0 and r["time"] - recs[i - 1]["time"] > gap)):
+            xs.append(r["time"])
             ys.append(float("nan"))
-        elif batch and dt > 0:
-            xs.append(b["time"])
-            ys.append(ds * batch / dt)
-        elif not batch and b.get("samples_per_s") is not None:
-            xs.append(b["time"])
-            ys.append(float(b["samples_per_s"]))
+        xs.append(r["time"])
+        ys.append(float(r["samples_per_s"]))
     return xs, ys
 
 
 def series_rate(series: list[list]) -> tuple[list[float], list[float]]:
-    """A heartbeat's [t, step, samples] series -> (t, samples/s per interval) (pure)."""
+    """A heartbeat's [t, step, samples, step_s] series -> (t, samples/s per interval) (pure): the
+    samples of the steps finished in each interval over the step-phase seconds they took (the
+    definition of ``run_samples_per_s``, one rank's share). Series written before step_s was
+    recorded (three columns) fall back to wall seconds."""
     xs, ys = [], []
     for a, b in zip(series, series[1:]):
-        if b[0] > a[0] and a[2] is not None and b[2] is not None and b[2] >= a[2]:
+        if b[0] <= a[0] or a[2] is None or b[2] is None or b[2] < a[2]:
+            continue
+        dt = (b[3] - a[3]) if len(a) > 3 and len(b) > 3 else (b[0] - a[0])
+        if dt > 0:
             xs.append(b[0])
-            ys.append((b[2] - a[2]) / (b[0] - a[0]))
+            ys.append((b[2] - a[2]) / dt)
     return xs, ys
 
 
@@ -153,14 +167,45 @@ def step_quantiles(hb: dict) -> dict[str, float | None]:
         {"steps": sum(counts)}
 
 
+def startup_s(attempt: dict) -> float:
+    """Seconds from the process start (the trainer's start) to its first step (pure): imports done,
+    data opened, model built, checkpoint loaded. An attempt with no step yet is all start-up so far;
+    heartbeats written before ``first_step_t`` existed give 0 (unknown: counted as idle)."""
+    started, last = float(attempt.get("started", 0)), float(attempt.get("last", 0))
+    if "first_step_t" not in attempt:
+        return 0.0
+    first = attempt["first_step_t"]
+    end = last if first is None else min(float(first), last)
+    return max(0.0, end - started)
+
+
+def phase_totals(hb: dict) -> dict[str, float]:
+    """One rank's seconds per phase over all its attempts, with start-up taken out of idle as
+    ``startup`` (the heartbeat counts the time before the first step as idle) (pure)."""
+    acc = dict.fromkeys(PHASES, 0.0)
+    acc["startup"] = 0.0
+    for att in hb.get("attempts") or [{"phase_s": hb.get("phase_s") or {}}]:
+        ps = att.get("phase_s") or {}
+        for k, v in ps.items():
+            acc[k] = acc.get(k, 0.0) + float(v)
+        su = min(startup_s(att), float(ps.get("idle", 0.0)))
+        acc["idle"] -= su
+        acc["startup"] += su
+    return acc
+
+
 def goodput(heartbeats: dict[int, dict]) -> dict[str, Any]:
     """Where the allocated time went, from every rank's attempts, averaged over ranks (pure).
 
     allocated = each attempt's first to last heartbeat (queue time between attempts is not
-    allocated); productive = step time (data+compute+comm) of steps that were kept; redone = step
-    time of the steps an attempt did after its last checkpoint, which the next attempt repeated
-    (estimated as those steps times the attempt's mean step time); the rest is checkpoint, eval
-    and idle (start-up, loading, waiting at the end).
+    allocated); start-up = process start to the first step; productive = step time
+    (data+compute+comm) of steps that were kept; redone = step time of the steps an attempt did
+    after its last checkpoint, which the next attempt repeated (estimated as those steps times the
+    attempt's mean step time); the rest is checkpoint, eval and idle (waits outside the phases).
+
+    goodput = productive / (allocated - the first attempt's start-up): launching costs what it
+    costs and is stated apart (``startup_s``); the start-up of a requeued attempt is time lost to
+    the requeue (``restart_s``, in ``lost_to_requeues_s``) and stays in the denominator.
     """
     per_rank = []
     for hb in heartbeats.values():
@@ -177,17 +222,20 @@ def goodput(heartbeats: dict[int, dict]) -> dict[str, Any]:
                 steps = last - first + 1
                 if nxt is not None and steps > 0 and last >= nxt:
                     redone = step_s * min(steps, last - nxt + 1) / steps
+            start = min(startup_s(a), alloc)
             rows.append({"attempt": i, "restart_count": a.get("restart_count"), "allocated_s": alloc,
-                         "productive_s": step_s - redone, "redone_s": redone,
+                         "startup_s": start, "productive_s": step_s - redone, "redone_s": redone,
                          "checkpoint_s": float(ps.get("checkpoint", 0)), "eval_s": float(ps.get("eval", 0)),
-                         "idle_s": max(0.0, alloc - step_s - float(ps.get("checkpoint", 0)) - float(ps.get("eval", 0))),
+                         "idle_s": max(0.0, alloc - start - step_s - float(ps.get("checkpoint", 0))
+                                       - float(ps.get("eval", 0))),
                          "queue_before_s": (float(a.get("started", 0)) - float(atts[i - 1].get("last", 0))) if i else 0.0,
                          "first_step": first, "last_step": last})
         per_rank.append(rows)
     if not per_rank or not per_rank[0]:
         return {"attempts": [], "goodput": None, "requeues": 0}
     n_att = min(len(r) for r in per_rank)
-    keys = ("allocated_s", "productive_s", "redone_s", "checkpoint_s", "eval_s", "idle_s", "queue_before_s")
+    keys = ("allocated_s", "startup_s", "productive_s", "redone_s", "checkpoint_s", "eval_s", "idle_s",
+            "queue_before_s")
     attempts = []
     for i in range(n_att):
         row = {k: sum(r[i][k] for r in per_rank) / len(per_rank) for k in keys}
@@ -196,14 +244,25 @@ def goodput(heartbeats: dict[int, dict]) -> dict[str, Any]:
         attempts.append(row)
     alloc = sum(a["allocated_s"] for a in attempts)
     prod = sum(a["productive_s"] for a in attempts)
-    lost = sum(a["redone_s"] for a in attempts) + sum(a["idle_s"] for a in attempts[1:])
-    return {"attempts": attempts, "allocated_s": alloc, "productive_s": prod,
-            "goodput": prod / alloc if alloc > 0 else None, "requeues": n_att - 1,
-            "lost_to_requeues_s": lost, "queue_s": sum(a["queue_before_s"] for a in attempts)}
+    start = attempts[0]["startup_s"]
+    restart = sum(a["startup_s"] for a in attempts[1:])
+    lost = sum(a["redone_s"] for a in attempts) + restart
+    return {"attempts": attempts, "allocated_s": alloc, "startup_s": start, "restart_s": restart,
+            "productive_s": prod, "goodput": prod / (alloc - start) if alloc - start > 0 else None,
+            "requeues": n_att - 1, "lost_to_requeues_s": lost,
+            "queue_s": sum(a["queue_before_s"] for a in attempts)}
 
 
 def infer_progress(out: Path) -> dict[str, Any]:
-    """Rows over time of a batch-inference output dir: per partition completion (sidecar mtime)."""
+    """Rows and rows/s of a batch-inference output dir (pure given the files).
+
+    One definition for the table and the plot: rows/s = rows written / scoring seconds, where a
+    rank's scoring seconds run from its first batch read to its last partition written (model
+    loading excluded; ``scoring_s`` in _MANIFEST.json). All ranks together: every rank's rows over
+    the slowest rank's seconds (the manifest's ``scoring_s``). The rows-over-time curve counts this
+    run's partitions (sidecar mtime = when each finished) from an estimated scoring start (the last
+    partition minus ``scoring_s``), so its mean slope is that same all-ranks figure.
+    """
     man = {}
     if (out / INFER_MARKER).is_file():
         try:
@@ -221,5 +280,19 @@ def infer_progress(out: Path) -> dict[str, Any]:
     ranks = [{"rank": r.get("rank"), "rows": r.get("rows_written"), "scoring_s": r.get("scoring_s"),
               "rows_per_s": (r["rows_written"] / r["scoring_s"]) if r.get("scoring_s") else None,
               "written": r.get("written"), "skipped": r.get("skipped")} for r in man.get("ranks", [])]
-    return {"manifest": man, "parts": parts, "ranks": ranks,
-            "rows": man.get("rows", sum(p[1] for p in parts))}
+    # Partitions a resumed job found complete were written by an earlier run, before this one began.
+    skipped = sum(int(r.get("skipped") or 0) for r in ranks)
+    mine = parts[skipped:] if 0 < skipped <= len(parts) else parts
+    written = sum(int(r["rows"] or 0) for r in ranks)
+    scoring_s = float(man["scoring_s"]) if man.get("scoring_s") else None
+    all_ranks = {"rows": written, "scoring_s": scoring_s,
+                 "rows_per_s": written / scoring_s if ranks and scoring_s else None}
+    t_start = (mine[-1][0] - scoring_s) if mine and scoring_s else (mine[0][0] if mine else None)
+    xs, cum, n = ([0.0], [0], 0) if mine and scoring_s else ([], [], 0)
+    for t, rows, _ in mine:
+        n += rows
+        xs.append(max(0.0, t - t_start))
+        cum.append(n)
+    return {"manifest": man, "parts": parts, "ranks": ranks, "all_ranks": all_ranks,
+            "rows": man.get("rows", sum(p[1] for p in parts)), "from_scoring_start": bool(mine and scoring_s),
+            "series": (xs, cum)}

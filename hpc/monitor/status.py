@@ -1,9 +1,11 @@
-"""`hpc status RUN_DIR|JOB_ID`: where a run is, read from the files in its run directory.
+"""`hpc status RUN_DIR|JOB_ID|CONFIG`: where a run is, read from the files in its run directory.
 
-Sources (all optional except that one must exist): ``heartbeat/rank-R.json`` (live per-rank state),
-``summary.json`` (final state, written by the trainer at the end), ``checkpoints/latest`` (last
-checkpoint), ``hang-report/summary.json`` (the watchdog's verdict), ``metrics.jsonl`` (last step
-when there are no heartbeats). ``collect_status`` is pure given the files and ``now``.
+Sources (all optional): ``heartbeat/rank-R.json`` (live per-rank state), ``summary.json`` (final
+state and metrics, written by the trainer at the end), ``checkpoints/latest`` (last checkpoint),
+``hang-report/summary.json`` (the watchdog's verdict), ``metrics.jsonl`` (the latest train loss,
+lr, samples/s and val metrics; the step when there are no heartbeats). A run directory with none
+of these but the trainer's first files (``config.yaml``, ``logs/``) is starting. ``collect_status``
+is pure given the files and ``now``.
 """
 
 from __future__ import annotations
@@ -15,10 +17,14 @@ import time
 from pathlib import Path
 from typing import Any
 
-from hpc.monitor.heartbeat import read_heartbeats
+from hpc.monitor.heartbeat import heartbeat_path, read_heartbeats
+from hpc.monitor.rundata import phase_totals, run_samples_per_s
 from hpc.util.io import read_json
 
 FINAL_STATES = ("completed", "done", "failed", "hung", "preempted", "cancelled")  # trainer + heartbeat states
+# What the trainer writes first (rundir.setup_logging, Trainer.__init__): a run directory that has
+# only these is starting (imports, data, model, checkpoint load) and has no heartbeat yet.
+FIRST_FILES = ("config.yaml", "logs")
 
 
 def stale_after(interval_s: float) -> float:
@@ -26,21 +32,48 @@ def stale_after(interval_s: float) -> float:
     return 3 * interval_s + 2
 
 
-def last_jsonl(path: Path, max_bytes: int = 1 << 16) -> dict | None:
-    """The last complete JSON record of a JSONL file (reads only its tail)."""
+def tail_records(path: Path, kinds: tuple[str, ...] = ("train", "val", "test"),
+                 max_bytes: int = 1 << 22) -> dict[str, dict]:
+    """The last complete record of each ``kind`` in a JSONL file, plus ``"last"`` (any kind).
+
+    Reads the tail only, doubling it (64 KiB up to ``max_bytes``) until every kind is found: a
+    long run's val records can be far apart, but status must not read a whole large file.
+    """
+    found: dict[str, dict] = {}
+    if not path.is_file():
+        return found
+    with open(path, "rb") as f:
+        size = f.seek(0, os.SEEK_END)
+        chunk = 1 << 16
+        while True:
+            f.seek(max(0, size - chunk))
+            lines = f.read().splitlines()
+            found = {}
+            for line in reversed(lines):
+                try:
+                    rec = json.loads(line)
+                except ValueError:
+                    continue  # a line being appended right now, or the cut first line of the tail
+                if not isinstance(rec, dict):
+                    continue
+                found.setdefault("last", rec)
+                if rec.get("kind") in kinds:
+                    found.setdefault(rec["kind"], rec)
+                if all(k in found for k in kinds):
+                    return found
+            if chunk >= size or chunk >= max_bytes:
+                return found
+            chunk *= 2
+
+
+def last_line(path: Path, max_bytes: int = 4096) -> str | None:
+    """The last non-empty line of a text file (a log), or None."""
     if not path.is_file():
         return None
     with open(path, "rb") as f:
         f.seek(max(0, f.seek(0, os.SEEK_END) - max_bytes))
-        lines = f.read().splitlines()
-    for line in reversed(lines):
-        try:
-            rec = json.loads(line)
-        except ValueError:
-            continue  # a line being appended right now, or the cut first line of the tail
-        if isinstance(rec, dict):
-            return rec
-    return None
+        lines = [ln for ln in f.read().decode("utf-8", "replace").splitlines() if ln.strip()]
+    return lines[-1].strip() if lines else None
 
 
 def last_checkpoint(run_dir: Path, now: float) -> dict | None:
@@ -65,12 +98,25 @@ def collect_status(run_dir: str | os.PathLike, now: float | None = None) -> dict
     if not run_dir.is_dir():
         raise ValueError(f"{run_dir}: run directory not found")
     beats = read_heartbeats(run_dir)
-    summary = _maybe_json(run_dir / "summary.json")
-    hang = _maybe_json(run_dir / "hang-report" / "summary.json")
-    last_metric = last_jsonl(run_dir / "metrics.jsonl")
+    # Every trainer process rewrites config.yaml when it starts: a summary, hang report or heartbeat
+    # older than that was left by an earlier process of this run (requeued or resumed). File times
+    # on both sides, so clock skew between nodes does not matter.
+    restarted = _mtime(run_dir / "config.yaml")
+    earlier = lambda p: restarted is not None and (_mtime(p) or 0) < restarted  # noqa: E731
+    summary = None if earlier(run_dir / "summary.json") else _maybe_json(run_dir / "summary.json")
+    hang_path = run_dir / "hang-report" / "summary.json"
+    hang = None if earlier(hang_path) else _maybe_json(hang_path)
+    tail = tail_records(run_dir / "metrics.jsonl")
+    last_metric = tail.get("last")
     if not beats and summary is None and last_metric is None:
-        raise ValueError(f"{run_dir}: not a run directory (no heartbeat/, summary.json or metrics.jsonl); "
-                         "pass runs/<name>/<id> as written by `hpc train`")
+        if not any((run_dir / f).exists() for f in FIRST_FILES):
+            raise ValueError(f"{run_dir}: not a run directory (no heartbeat/, summary.json, metrics.jsonl, "
+                             "config.yaml or logs/); pass runs/<name>/<id> as written by `hpc train`, "
+                             "or the config's name")
+        return _starting(run_dir, now)
+    if beats and summary is None and hang is None and \
+            all(earlier(heartbeat_path(run_dir, r)) for r in beats):
+        return _starting(run_dir, now, restarted_from=beats)
     ranks = []
     for r, hb in sorted(beats.items()):
         age = now - float(hb.get("time", 0))
@@ -93,10 +139,9 @@ def collect_status(run_dir: str | os.PathLike, now: float | None = None) -> dict
     if state in FINAL_STATES:
         eta = None
     phase_tot: dict[str, float] = {}
-    for hb in beats.values():  # whole run: every attempt (requeue) of every rank
-        for att in hb.get("attempts") or [{"phase_s": hb.get("phase_s") or {}}]:
-            for k, v in (att.get("phase_s") or {}).items():
-                phase_tot[k] = phase_tot.get(k, 0.0) + float(v)
+    for hb in beats.values():  # whole run: every attempt (requeue) of every rank, start-up apart
+        for k, v in phase_totals(hb).items():
+            phase_tot[k] = phase_tot.get(k, 0.0) + v
     busy = sum(phase_tot.values())
     fractions = {k: round(v / busy, 4) for k, v in phase_tot.items()} if busy > 0 else {}
     tf = summ.get("time_fractions") or {}
@@ -107,18 +152,57 @@ def collect_status(run_dir: str | os.PathLike, now: float | None = None) -> dict
     restarts += [len(hb.get("attempts") or [1]) - 1 for hb in beats.values()]
     if summary:
         restarts.append(int((summary.get("slurm") or {}).get("restart_count") or 0))
-    sps = [r["samples_per_s"] for r in ranks if r["samples_per_s"] is not None and r["state"] == "running"]
+    sps, sps_from = run_samples_per_s(summary, tail.get("train"), beats)
     return {
         "run_dir": str(run_dir), "state": state, "why": why, "step": step, "epoch": epoch,
-        "total_steps": total, "eta_s": eta,
-        "samples_per_s": round(sum(sps), 2) if sps else (summary or {}).get("samples_per_s"),
+        "total_steps": total, "eta_s": eta, "samples_per_s": None if sps is None else round(sps, 2),
+        "samples_per_s_from": sps_from,
         "ranks": ranks, "world_size": lead.get("world_size") or summ.get("world_size"),
         "fractions": fractions, "checkpoint": last_checkpoint(run_dir, now),
         "requeues": max(restarts, default=0),
         "job_id": lead.get("job_id") or ((summary or {}).get("slurm") or {}).get("job_id"),
-        "hang": hang, "metrics": (summary or {}).get("metrics"),
+        "hang": hang, "train": _latest(tail.get("train")), "val": _latest(tail.get("val")),
+        "metrics": (summary or {}).get("metrics"),
         "past_hang_reports": sorted(p.name for p in run_dir.glob("hang-report.*") if p.is_dir()),
     }
+
+
+def _starting(run_dir: Path, now: float, restarted_from: dict[int, dict] | None = None) -> dict[str, Any]:
+    """Status of a run directory the trainer created (or a new process of it restarted in) but has
+    written nothing live into yet."""
+    if restarted_from:
+        hb = restarted_from.get(0) or next(iter(restarted_from.values()))
+        age = now - (_mtime(run_dir / "config.yaml") or now)
+        why = (f"restarted {_dur(age)} ago (requeue or resume; the previous process's last heartbeat: "
+               f"{hb.get('state')} at step {hb.get('step')}); no heartbeat from this process yet (it loads "
+               "the data, the model and the last checkpoint)")
+    else:
+        first = [run_dir / f for f in FIRST_FILES if (run_dir / f).exists()]
+        age = now - min(p.stat().st_mtime for p in first)
+        why = (f"run directory created {_dur(age)} ago; no heartbeat, metrics or summary yet (the trainer "
+               "imports, opens the data, builds the model, loads a checkpoint)")
+    if age > 600:
+        why += "; if no process of it runs any more, it died while starting: see logs/"
+    return {"run_dir": str(run_dir), "state": "starting", "why": why, "step": None, "epoch": None,
+            "total_steps": None, "eta_s": None, "samples_per_s": None, "samples_per_s_from": None,
+            "ranks": [], "world_size": None, "fractions": {}, "checkpoint": last_checkpoint(run_dir, now),
+            "requeues": 0, "job_id": None, "hang": None, "train": None, "val": None, "metrics": None,
+            "past_hang_reports": [], "last_log": last_line(run_dir / "logs" / "rank-0.log")}
+
+
+def _latest(rec: dict | None) -> dict | None:
+    """A metrics.jsonl record's step and numbers (for the loss/val lines)."""
+    if not rec:
+        return None
+    return {k: v for k, v in rec.items() if k not in ("kind", "time") and isinstance(v, (int, float))
+            and not isinstance(v, bool)}
+
+
+def _mtime(path: Path) -> float | None:
+    try:
+        return path.stat().st_mtime
+    except OSError:
+        return None
 
 
 def _state(summary: dict | None, hang: dict | None, ranks: list[dict]) -> tuple[str, str]:
@@ -162,31 +246,77 @@ def _dur(s: float | None) -> str:
     return f"{s // 3600}h{s % 3600 // 60:02d}m"
 
 
+def _num(v: Any) -> str:
+    """A metric for people: integers as such, floats to 4-5 significant digits, no exponent noise."""
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        return "-" if v is None else str(v)
+    if isinstance(v, int) or (float(v).is_integer() and abs(v) >= 100):  # counts (samples=200.0)
+        return f"{int(v):,}"
+    if v != v or v in (float("inf"), float("-inf")):
+        return str(v)
+    if abs(v) >= 1000:
+        return f"{v:,.1f}"
+    return f"{v:.4f}" if abs(v) >= 0.01 else f"{v:.4g}"
+
+
+def metrics_table(metrics: dict, indent: str = "  ") -> list[str]:
+    """summary.json's {split: {metric: value}} as aligned lines: one row per metric, one column per
+    split (val: the best evaluation, test: the best model); '-' where a split lacks a metric."""
+    order = {"train": 0, "val": 1, "test": 2}
+    splits = sorted((k for k, v in metrics.items() if isinstance(v, dict) and v), key=lambda k: (order.get(k, 3), k))
+    if not splits:
+        return []
+    names = sorted({m for sp in splits for m in metrics[sp]})
+    cells = [[_num(metrics[sp].get(m)) for sp in splits] for m in names]
+    w0 = max(len("metric"), *(len(m) for m in names))
+    ws = [max(len(sp), *(len(row[i]) for row in cells)) for i, sp in enumerate(splits)]
+    lines = [indent + f"{'metric':<{w0}}" + "".join(f"  {sp:>{w}}" for sp, w in zip(splits, ws))]
+    for m, row in zip(names, cells):
+        lines.append(indent + f"{m:<{w0}}" + "".join(f"  {c:>{w}}" for c, w in zip(row, ws)))
+    return lines
+
+
 def format_status(st: dict) -> str:
     """Human-readable status (pure)."""
     job = f"  (job {st['job_id']}, requeued {st['requeues']}x)" if st.get("job_id") else \
         (f"  (requeued {st['requeues']}x)" if st["requeues"] else "")
+    lines = [f"run        {st['run_dir']}{job}", f"state      {st['state']}: {st['why']}"]
+    if st["state"] == "starting":
+        if st.get("last_log"):
+            lines.append(f"last log   {st['last_log'][:160]}")
+        return "\n".join(lines)
     progress = f"step {st['step']}"
     if st.get("total_steps") and st["step"] is not None:
         progress += f"/{st['total_steps']} ({100 * st['step'] / st['total_steps']:.0f}%)"
-    lines = [f"run        {st['run_dir']}{job}",
-             f"state      {st['state']}: {st['why']}",
-             f"progress   {progress}, epoch {st['epoch']}, ETA {_dur(st['eta_s'])}"]
+    lines.append(f"progress   {progress}, epoch {st['epoch']}, ETA {_dur(st['eta_s'])}")
+    tr = st.get("train")
+    if tr and tr.get("loss") is not None:
+        extra = "".join(f"  {label} {_num(tr[k])}" for k, label in (("lr", "lr"), ("grad_norm", "grad norm"))
+                        if tr.get(k) is not None)
+        lines.append(f"loss       {_num(tr['loss'])} (train, step {tr.get('step')}){extra}")
+    val = st.get("val")
+    if val and not st.get("metrics"):  # while running; at the end the final table says it
+        vals = "  ".join(f"{k} {_num(v)}" for k, v in sorted(val.items()) if k not in ("step", "epoch", "samples"))
+        lines.append(f"val        {vals} (step {val.get('step')})")
     if st.get("samples_per_s") is not None:
-        lines.append(f"throughput {st['samples_per_s']:,.1f} samples/s over {st['world_size'] or len(st['ranks']) or '?'} ranks")
+        n = st["world_size"] or len(st["ranks"]) or "?"
+        lines.append(f"throughput {st['samples_per_s']:,.1f} samples/s over {n} rank{'' if n == 1 else 's'} "
+                     f"(step time only; from {st['samples_per_s_from']})")
     if st["fractions"]:
         f = st["fractions"]
         other = 1 - sum(f.get(k, 0) for k in ("data", "comm", "compute"))
         lines.append("time       " + "  ".join(f"{k} {100 * f.get(k, 0):.0f}%" for k in ("data", "comm", "compute"))
                      + f"  other {100 * other:.0f}% (checkpoint {100 * f.get('checkpoint', 0):.0f}%, "
-                       f"eval {100 * f.get('eval', 0):.0f}%, idle {100 * f.get('idle', 0):.0f}%)")
+                       f"eval {100 * f.get('eval', 0):.0f}%, idle {100 * f.get('idle', 0):.0f}%, "
+                       f"start-up {100 * f.get('startup', 0):.0f}%)")
     if st.get("past_hang_reports"):
         lines.append(f"hangs      {len(st['past_hang_reports'])} in earlier attempts: "
                      + ", ".join(st["past_hang_reports"]))
     ck = st.get("checkpoint")
     lines.append(f"checkpoint {ck['name']}, {_dur(ck['age_s'])} ago" if ck else "checkpoint none yet")
-    if st.get("metrics"):
-        lines.append("metrics    " + json.dumps(st["metrics"], sort_keys=True, default=str)[:200])
+    table = metrics_table(st.get("metrics") or {})
+    if table:
+        lines += ["", "final metrics (val: the best evaluation; test: the best model)"] + table
     if st["ranks"]:
         lines += ["", f"{'rank':>4}  {'host':<12} {'step':>8} {'phase':<10} {'in phase':>8} "
                       f"{'samples/s':>10} {'heartbeat':>10}  state"]
@@ -197,6 +327,27 @@ def format_status(st: dict) -> str:
                          f"{_dur(r['phase_elapsed_s']):>8} {sps:>10} {_dur(r['heartbeat_age_s']) + ' ago':>10}  "
                          f"{r['state']}{flag}")
     return "\n".join(lines)
+
+
+def newest_run(base: Path) -> Path | None:
+    """The most recently started run directory directly under ``base`` (``<out_dir>/<name>``).
+
+    Started = its config.yaml's mtime (the trainer writes it when it starts or resumes); a
+    directory's own mtime would move when an older run finishes and writes summary.json.
+    """
+    def started(d: Path) -> float:
+        cfg = d / "config.yaml"
+        return (cfg if cfg.is_file() else d).stat().st_mtime
+    runs = [d for d in base.iterdir() if d.is_dir() and not d.name.startswith(".")] if base.is_dir() else []
+    return max(runs, key=started) if runs else None
+
+
+def runs_of_config(spec: str, overrides: list[str] | tuple = ()) -> Path:
+    """``<out_dir>/<name>`` of a config (a path, or the name of a shipped config) with overrides."""
+    from hpc.train.config import load_config, resolve_path
+
+    cfg = load_config(resolve_path(spec), list(overrides))
+    return Path(cfg.out_dir) / cfg.name
 
 
 def find_run_for_job(job_id: str, roots: list[Path]) -> Path:

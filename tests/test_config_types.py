@@ -1,5 +1,5 @@
 """Config values are parsed by the type their field declares, in YAML files and key=value overrides
-alike (hpc.models._typed): ``1e-3`` is a number for a float field, ``007`` and ``2024-01-01`` stay
+alike (hpc.util.typed): ``1e-3`` is a number for a float field, ``007`` and ``2024-01-01`` stay
 text for a str field, ``no`` is false only for a bool field; quoted values are always strings."""
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from hpc.ensemble.spec import EnsembleSpec, load_spec
-from hpc.models._typed import _coerce, load_yaml, resolve_untyped
+from hpc.util.typed import _coerce, load_yaml, resolve_untyped
 from hpc.train.config import CONFIG_DIR, TrainConfig, dump_yaml, load_config, parse_override
 
 BASE = {"data": {"dir": "d"}, "model": {"family": "mlp"}}
@@ -168,7 +168,7 @@ def _dataclasses() -> list[type]:
     """TrainConfig, the ensemble spec, every registered model family's config, and every dataclass
     reachable from them through their fields."""
     import hpc.ensemble.hierarchical  # noqa: F401 - registers the `hierarchical` family
-    from hpc.models.registry import _entry, list_models
+    from hpc.models.families import _entry, list_models
 
     todo = [TrainConfig, EnsembleSpec, *(_entry(f).config for f in list_models())]
     seen: list[type] = []
@@ -343,7 +343,7 @@ def test_print_config_prints_the_resolved_config_and_exits_0(tmp_path, capsys, m
 def test_help_shows_optional_overrides_and_every_exit_code(capsys):
     from hpc.cli import EXIT_INTERRUPTED, EXIT_USAGE, main
     from hpc.cli.train import EXIT
-    from hpc.monitor.watchdog import HANG_EXIT_CODE
+    from hpc.instrument.watchdog import HANG_EXIT_CODE
     from hpc.train.preempt import EXIT_PREEMPTED
 
     with pytest.raises(SystemExit) as e:

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from hpc.dist import LocalComm, World, init_comm, launch_local, world_from_env
-from hpc.dist.launch import launch_env, mpiexec_command
+from hpc.dist.spawn import launch_env, mpiexec_command
 from hpc.dist.torch_backend import slurm_port, static_rendezvous
 
 
@@ -147,7 +147,7 @@ def test_launch_local_runs_n_ranks(capfd):
 
 def test_importing_hpc_dist_is_cheap():
     # world/launch are used by light commands (doctor, sbatch rendering): no torch, no MPI
-    code = ("import sys, hpc.dist, hpc.dist.launch, hpc.dist.world\n"
+    code = ("import sys, hpc.dist, hpc.dist.spawn, hpc.dist.world\n"
             "from hpc.dist import World, launch_local, expand_nodelist\n"
             "print(sorted(m for m in ('torch', 'mpi4py.MPI') if m in sys.modules))\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)

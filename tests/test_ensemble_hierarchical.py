@@ -68,7 +68,7 @@ def test_fine_tuned_extractor_changes(setup):
 
 def test_bad_layer_and_ref(setup):
     root, base, reg, ref = setup
-    from hpc.models.registry import build_model
+    from hpc.models.families import build_model
     import hpc.ensemble.hierarchical  # noqa: F401
 
     schema = {"task": "classification", "num_classes": 10, "fields": {"x": {"dtype": "float32", "shape": [64]},

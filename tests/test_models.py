@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from hpc.models import build_model, list_models, register_model, task_of
-from hpc.models.registry import default_config, model_config
+from hpc.models.families import default_config, model_config
 
 IMG = {"fields": {"x": {"dtype": "float32", "shape": [1, 8, 8]}, "y": {"dtype": "int64", "shape": []}},
        "num_classes": 10}

@@ -10,9 +10,9 @@ import time
 import pytest
 
 from conftest import run_mpi
-from hpc.monitor import Heartbeat, Watchdog, read_heartbeats
-from hpc.monitor.heartbeat import hist_bucket, hist_edges, hist_quantile
-from hpc.monitor.watchdog import HANG_EXIT_CODE, find_laggards
+from hpc.instrument import Heartbeat, Watchdog, read_heartbeats
+from hpc.instrument.heartbeat import hist_bucket, hist_edges, hist_quantile
+from hpc.instrument.watchdog import HANG_EXIT_CODE, find_laggards
 
 
 def _hb(rank, step, phase, t=100.0, **kw):
@@ -142,7 +142,7 @@ HANG_SCRIPT = textwrap.dedent("""
     import os, sys, time
     import numpy as np
     from mpi4py import MPI
-    from hpc.monitor import Heartbeat, Watchdog
+    from hpc.instrument import Heartbeat, Watchdog
     comm = MPI.COMM_WORLD
     rank, size = comm.Get_rank(), comm.Get_size()
     run_dir, threshold, slow = sys.argv[1], float(sys.argv[2]), int(sys.argv[3])

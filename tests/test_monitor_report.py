@@ -112,7 +112,7 @@ def test_goodput_of_the_simulated_requeued_run(tmp_path):
 
 def test_goodput_of_a_healthy_short_run_excludes_start_up(tmp_path):
     """10 s of a healthy run: 8 s of start-up, then 2 s of steps. Goodput is about the steps."""
-    from hpc.monitor import Heartbeat
+    from hpc.instrument import Heartbeat
     from test_monitor_status import Clock
 
     clock = Clock(T0)

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from hpc.monitor import Heartbeat
+from hpc.instrument import Heartbeat
 from hpc.monitor.status import collect_status, format_status
 from hpc.util.io import atomic_write_json, atomic_write_text
 

@@ -273,7 +273,7 @@ def test_a_hung_tracking_server_never_stalls_the_loop(tmp_path, data, monkeypatc
 def test_two_ranks_write_each_sink_once(tmp_path, data, file_store):
     need("torch.utils.tensorboard", "tensorboard")
     need("mlflow", "mlflow")
-    from hpc.dist.launch import find_mpiexec
+    from hpc.dist.spawn import find_mpiexec
 
     if find_mpiexec() is None:
         if REQUIRE_CLUSTER:

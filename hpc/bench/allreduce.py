@@ -24,7 +24,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from hpc.bench._table import emit
+from hpc.util.table import emit
 
 _MB = 1 << 20
 
@@ -71,7 +71,7 @@ def register(sub) -> None:
 def run(args) -> int:
     if args.worker:
         return _worker(args)
-    from hpc.dist.launch import find_mpiexec, launch_env, mpiexec_command, MPIEXEC_HINT
+    from hpc.dist.spawn import find_mpiexec, launch_env, mpiexec_command, MPIEXEC_HINT
     from hpc.dist.grad_sync import DEFAULT_BUCKET_MB
     from hpc.util.io import read_json
 

@@ -26,7 +26,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from hpc.bench._table import emit
+from hpc.util.table import emit
 
 GOAL = 0.9
 CORES = os.cpu_count() or 1
@@ -69,7 +69,7 @@ def _forward_s(scorer, batches: list) -> float:
 
 def _mpi_job(args, nproc: int, out: Path) -> float:
     """The job as ``nproc`` ranks under mpiexec (as ``--nproc`` starts them); its scoring seconds."""
-    from hpc.dist.launch import find_mpiexec, launch_env, mpiexec_command
+    from hpc.dist.spawn import find_mpiexec, launch_env, mpiexec_command
 
     argv = ["infer", "--model", args.model, "--input", args.input, "--output", str(out),
             "--batch-size", str(args.batch_size), "--format", args.format, "--device", "cpu"]

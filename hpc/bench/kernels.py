@@ -16,7 +16,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable
 
-from hpc.bench._table import emit
+from hpc.util.table import emit
 
 MB = 1 << 20
 

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from hpc.bench._table import emit
+from hpc.util.table import emit
 
 
 def register(sub) -> None:

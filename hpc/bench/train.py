@@ -24,7 +24,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from hpc.bench._table import emit
+from hpc.util.table import emit
 
 SHAPE = (3, 16, 16)
 CLASSES = 10
@@ -48,7 +48,7 @@ def run(args) -> int:
     if args.batch < 1 or args.steps < 10 or args.repeats < 1:
         raise ValueError("--batch >= 1, --steps >= 10 and --repeats >= 1 are required")
     from hpc.data import SynthConfig, synth
-    from hpc.dist.launch import MPIEXEC_HINT, find_mpiexec, launch_env, mpiexec_command
+    from hpc.dist.spawn import MPIEXEC_HINT, find_mpiexec, launch_env, mpiexec_command
     from hpc.util.io import read_json
 
     mpiexec = find_mpiexec()

@@ -92,7 +92,7 @@ def results_table(res) -> str:
     """Every member, the mean and best member, and the ensemble, on each evaluated split."""
     import numpy as np
 
-    from hpc.bench._table import format_table
+    from hpc.util.table import format_table
 
     splits = list(res.metrics)
     if not splits:

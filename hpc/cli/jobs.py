@@ -21,7 +21,7 @@ def register(sub) -> None:
 
 
 def _jobs(args) -> int:
-    from hpc.bench._table import format_table
+    from hpc.util.table import format_table
     from hpc.launch.jobs import list_jobs
 
     headers, rows = list_jobs(args.all)

@@ -125,7 +125,7 @@ def ensemble_tree(card: dict, card_of, _depth: int = 0) -> list[str]:
 
 
 def _list(args) -> int:
-    from hpc.bench._table import format_table
+    from hpc.util.table import format_table
 
     reg = _reg(args)
     rows = reg.list(args.name)
@@ -188,7 +188,7 @@ def _verify(args) -> int:
 
 
 def _diff(args) -> int:
-    from hpc.bench._table import format_table
+    from hpc.util.table import format_table
     from hpc.registry.card import diff_cards
 
     reg = _reg(args)

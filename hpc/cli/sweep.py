@@ -17,7 +17,7 @@ def register(sub) -> None:
 
 
 def show(target: str | Path, roots: list[str] | None = None) -> int:
-    from hpc.bench._table import format_table
+    from hpc.util.table import format_table
     from hpc.launch.sweep import find_sweep, summarize, table
 
     sweep_dir = find_sweep(str(target), roots or ["runs"])

@@ -6,7 +6,7 @@ import argparse
 import textwrap
 
 from hpc.cli import EXIT_INTERRUPTED, EXIT_USAGE
-from hpc.monitor.watchdog import HANG_EXIT_CODE
+from hpc.instrument.watchdog import HANG_EXIT_CODE
 from hpc.train.preempt import EXIT_PREEMPTED
 
 EXIT = {"completed": 0, "failed": 1, "preempted": EXIT_PREEMPTED}   # summary["state"] -> exit status
@@ -88,7 +88,7 @@ def run(args) -> int:
         if args.nproc < 1:
             raise ValueError(f"--nproc {args.nproc}: must be >= 1")
         preflight(cfg, args.nproc)
-        from hpc.dist.launch import launch_local
+        from hpc.dist.spawn import launch_local
 
         return launch_local(args.nproc, ["train", args.config, *args.overrides])
     from hpc.train import run as train

@@ -2,7 +2,7 @@
 
 The one place in the suite that knows MPI, torch.distributed, Horovod and launcher variables; see
 docs/DESIGN.md (contract ``hpc.dist``) and docs/dist.md. Names are resolved lazily (PEP 562): importing
-``hpc.dist`` or ``hpc.dist.world``/``hpc.dist.launch`` costs no torch import (``hpc doctor``, sbatch
+``hpc.dist`` or ``hpc.dist.world``/``hpc.dist.spawn`` costs no torch import (``hpc doctor``, sbatch
 rendering stay fast), and no backend is imported, so MPI is initialized only by ``init_comm``.
 """
 
@@ -12,7 +12,7 @@ import importlib
 
 _EXPORTS = {
     "World": "world", "world_from_env": "world", "mpi_env_for_root": "world", "expand_nodelist": "world",
-    "launch_local": "launch",
+    "launch_local": "spawn",
     "assign_buckets": "buckets",
     "BACKENDS": "comm", "DEFAULT_TIMEOUT_S": "comm", "OPS": "comm", "Comm": "comm", "Handle": "comm",
     "LocalComm": "comm", "init_comm": "comm",

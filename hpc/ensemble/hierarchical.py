@@ -30,8 +30,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from hpc.models._typed import require
-from hpc.models.registry import build_model, register_model, task_of
+from hpc.util.typed import require
+from hpc.models.families import build_model, register_model, task_of
 
 
 @dataclass

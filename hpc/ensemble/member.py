@@ -25,7 +25,7 @@ def train_member(base: str, overrides: list[str], hook: dict, nproc: int = 1) ->
     ov = list(overrides) + hook_overrides(hook)
     if nproc <= 1:
         return run(base, ov)
-    from hpc.dist.launch import launch_local
+    from hpc.dist.spawn import launch_local
     from hpc.train.config import load_config
     from hpc.util.io import read_json
 

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from hpc.models._typed import from_dict, read_yaml_mapping, require
+from hpc.util.typed import from_dict, read_yaml_mapping, require
 
 METHODS = ("bagging", "boosting", "stacking")
 _NAME_CHARS = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._-")

@@ -35,7 +35,7 @@ def train_task(config: str, overrides: Sequence[str], run_id: str | None = None,
     """Train on this rank (or, ``nproc > 1`` outside Slurm, on N local MPI ranks); the run summary."""
     overrides = with_run_id(overrides, run_id or job_run_id())
     if nproc > 1:
-        from hpc.dist.launch import launch_local
+        from hpc.dist.spawn import launch_local
         from hpc.train.config import load_config
         from hpc.util.io import read_json
 

@@ -16,8 +16,8 @@ import torch
 from torch import nn
 
 from hpc.models._layers import BiasAct
-from hpc.models._typed import require
-from hpc.models.registry import field_shape, register_model, schema_int
+from hpc.util.typed import require
+from hpc.models.families import field_shape, register_model, schema_int
 
 
 @dataclass

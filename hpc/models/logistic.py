@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from hpc.models.registry import num_features, register_model, schema_int
+from hpc.models.families import num_features, register_model, schema_int
 
 
 @dataclass

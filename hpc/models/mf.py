@@ -15,8 +15,8 @@ import torch
 from torch import nn
 
 from hpc.models._layers import Embedding
-from hpc.models._typed import require
-from hpc.models.registry import register_model, schema_int
+from hpc.util.typed import require
+from hpc.models.families import register_model, schema_int
 
 
 @dataclass

@@ -10,8 +10,8 @@ from torch import nn
 
 from hpc.models import ops
 from hpc.models._layers import BiasAct, LayerNorm
-from hpc.models._typed import require
-from hpc.models.registry import num_features, register_model, schema_int
+from hpc.util.typed import require
+from hpc.models.families import num_features, register_model, schema_int
 
 
 @dataclass

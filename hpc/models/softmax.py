@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from hpc.models._layers import BiasAct
-from hpc.models.registry import num_features, register_model, schema_int
+from hpc.models.families import num_features, register_model, schema_int
 
 
 @dataclass

@@ -162,7 +162,7 @@ def launcher_command(cfg: DoctorConfig, env: dict) -> tuple[list[str] | None, st
     """The launcher in use: srun inside a Slurm allocation with >= 2 tasks, else mpiexec."""
     if env.get("SLURM_JOB_ID") and shutil.which("srun") and int(env.get("SLURM_NTASKS") or 1) >= cfg.mpi_ranks:
         return ["srun", f"--ntasks={cfg.mpi_ranks}", "--mpi=pmix", "--overlap"], "srun (Slurm allocation)"
-    from hpc.dist.launch import find_mpiexec
+    from hpc.dist.spawn import find_mpiexec
 
     exe = find_mpiexec()
     if exe is None:
@@ -173,7 +173,7 @@ def launcher_command(cfg: DoctorConfig, env: dict) -> tuple[list[str] | None, st
 def check_mpi(cfg: DoctorConfig) -> list[Row]:
     if not cfg.mpi:
         return [Row("mpi", "warn", "skipped (--no-mpi)")]
-    from hpc.dist.launch import MPIEXEC_HINT
+    from hpc.dist.spawn import MPIEXEC_HINT
     from hpc.dist.world import mpi_env_for_root
 
     env = dict(os.environ)

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Callable
 
 from hpc.monitor import rundata as R
-from hpc.monitor.heartbeat import PHASES, hist_edges
+from hpc.instrument.heartbeat import PHASES, hist_edges
 
 COLORS = {"data": "#4c78a8", "compute": "#54a24b", "comm": "#e45756", "checkpoint": "#b279a2",
           "eval": "#f58518", "idle": "#bab0ac", "redone": "#9d755d", "productive": "#54a24b",

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from hpc.monitor.heartbeat import PHASES, STEP_PHASES, hist_quantile, read_heartbeats
+from hpc.instrument.heartbeat import PHASES, STEP_PHASES, hist_quantile, read_heartbeats
 from hpc.util.io import read_json
 
 RUN_MARKERS = ("summary.json", "metrics.jsonl", "heartbeat")

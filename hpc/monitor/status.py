@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from hpc.monitor.heartbeat import heartbeat_path, read_heartbeats
+from hpc.instrument.heartbeat import heartbeat_path, read_heartbeats
 from hpc.monitor.rundata import phase_totals, run_samples_per_s
 from hpc.util.io import read_json
 

@@ -3,7 +3,7 @@
 ``load_config(path_or_dict, overrides)`` returns a validated ``TrainConfig``; any unknown key,
 wrong type or impossible value is a ``ValueError`` naming the file, the key and what is valid (the
 CLI exits 2 before any rank starts). ``model.config`` is validated by the model family's own
-dataclass (``hpc.models.registry.model_config``). See docs/train.md for every key.
+dataclass (``hpc.models.families.model_config``). See docs/train.md for every key.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from hpc.models._typed import (check_override_key, dump_yaml as _dump_yaml, from_dict, parse_value,
+from hpc.util.typed import (check_override_key, dump_yaml as _dump_yaml, from_dict, parse_value,
                                parsed_mapping, read_yaml_mapping, require, to_dict)
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
@@ -70,7 +70,7 @@ class ModelSection:
     config: Any = field(default_factory=dict)
 
     def check(self, where: str) -> None:
-        from hpc.models.registry import list_models, model_config
+        from hpc.models.families import list_models, model_config
 
         require(bool(self.family), f"{where}.family", f"is required; one of {', '.join(list_models())}")
         typed = model_config(self.family, self.config, f"{where}.config")

@@ -50,7 +50,7 @@ def preflight(cfg: TrainConfig, world_size: int) -> None:
     from pathlib import Path
 
     from hpc.data import load_manifest
-    from hpc.models.registry import build_model, task_of
+    from hpc.models.families import build_model, task_of
 
     import torch
 

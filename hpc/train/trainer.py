@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from hpc.models import ops
-from hpc.models.registry import build_model, task_of
+from hpc.models.families import build_model, task_of
 from hpc.train import preempt
 from hpc.train.checkpoint import Checkpoints, load_model, save_model
 from hpc.train.config import AllRanksError, TrainConfig, dump_yaml
@@ -421,7 +421,7 @@ class Trainer:
         m = self.cfg.monitor
         if m.heartbeat_s <= 0:
             return
-        from hpc.monitor import Heartbeat, Watchdog
+        from hpc.instrument import Heartbeat, Watchdog
 
         w = self.comm.world
         self.hb = Heartbeat(self.run_dir, self.rank, interval_s=m.heartbeat_s, world_size=self.world,

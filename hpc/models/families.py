@@ -19,7 +19,7 @@ from typing import Any, Callable
 
 from torch import nn
 
-from hpc.models._typed import from_dict, to_dict
+from hpc.util.typed import from_dict, to_dict
 
 TASKS = ("classification", "ratings", "regression")
 _BUILTIN = ("logistic", "softmax", "mlp", "cnn", "mf")

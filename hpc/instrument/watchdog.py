@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from hpc.monitor.heartbeat import Heartbeat, read_heartbeats
+from hpc.instrument.heartbeat import Heartbeat, read_heartbeats
 from hpc.util.io import atomic_path, atomic_write_json, fsync_dir, read_json
 
 HANG_DIR = "hang-report"

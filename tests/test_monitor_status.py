@@ -272,7 +272,7 @@ def test_status_ignores_what_an_earlier_process_left_once_the_run_restarts(tmp_p
         os.utime(p, (T0 + 150, T0 + 150))
     os.utime(tmp_path / "config.yaml", (end - 5, end - 5))
     st = collect_status(tmp_path, now=end)
-    assert st["state"] == "starting" and "restarted 5s ago" in st["why"], st["why"]
+    assert st["state"] == "starting" and "restarted 5.0s ago" in st["why"], st["why"]
     assert "previous process's last heartbeat: running at step 230" in st["why"]
 
 

@@ -97,44 +97,44 @@ class _Direct:
         return (hasattr(os, "preadv") and native and whole_rows and not dt.hasobject and dt.kind in "biuf"
                 and ds.compression is None and not ds.shuffle and not ds.fletcher32 and ds.scaleoffset is None)
 
-    def read_iov(self, fd: int, a: int, b: int, iov: list) -> bool:
-        """Rows [a, b), row i into buffer ``iov[i - a]`` (scatter: one syscall per chunk run)."""
-        i = 0
+    def _runs(self, a: int, b: int):
+        """``(file offset, rows)`` of each chunk's part of rows [a, b), in order; offset -1 where the
+        chunk is unallocated (never written: HDF5 returns its fill value, we cannot)."""
         while a < b:
             c = a // self.chunk_rows
             end = min(b, (c + 1) * self.chunk_rows)
             base = int(self.offsets[c])
-            if base < 0:
-                return False
-            offset = base + (a - c * self.chunk_rows) * self.row_bytes
-            for g in range(i, i + end - a, IOV_MAX):
-                group = iov[g:min(g + IOV_MAX, i + end - a)]
-                want = len(group) * self.row_bytes
-                got = os.preadv(fd, group, offset)
-                if got != want:
-                    raise OSError(f"short read: {got} of {want} bytes (file truncated?)")
-                offset += want
-            i += end - a
+            yield (base + (a - c * self.chunk_rows) * self.row_bytes if base >= 0 else -1), end - a
             a = end
+
+    def read_iov(self, fd: int, a: int, b: int, iov: list) -> bool:
+        """Rows [a, b), row i into buffer ``iov[i - a]`` (scatter: one syscall per chunk run)."""
+        i = 0
+        for offset, n in self._runs(a, b):
+            if offset < 0:
+                return False
+            for g in range(i, i + n, IOV_MAX):
+                group = iov[g:min(g + IOV_MAX, i + n)]
+                offset += _preadv(fd, group, offset, len(group) * self.row_bytes)
+            i += n
         return True
 
     def read(self, fd: int, a: int, b: int, dest: np.ndarray) -> bool:
         """Rows [a, b) into ``dest``; False if a chunk is unallocated (caller falls back to HDF5)."""
         view = memoryview(dest.reshape(-1).view(np.uint8))
         pos = 0
-        while a < b:
-            c = a // self.chunk_rows
-            end = min(b, (c + 1) * self.chunk_rows)
-            base = int(self.offsets[c])
-            if base < 0:
+        for offset, n in self._runs(a, b):
+            if offset < 0:
                 return False
-            want = (end - a) * self.row_bytes
-            got = os.preadv(fd, [view[pos:pos + want]], base + (a - c * self.chunk_rows) * self.row_bytes)
-            if got != want:
-                raise OSError(f"short read: {got} of {want} bytes (file truncated?)")
-            pos += want
-            a = end
+            pos += _preadv(fd, [view[pos:pos + n * self.row_bytes]], offset, n * self.row_bytes)
         return True
+
+
+def _preadv(fd: int, buffers: list, offset: int, want: int) -> int:
+    got = os.preadv(fd, buffers, offset)
+    if got != want:
+        raise OSError(f"short read: {got} of {want} bytes (file truncated?)")
+    return got
 
 
 class ShardFiles:

@@ -20,6 +20,7 @@ from typing import Any
 from hpc.instrument.heartbeat import heartbeat_path, read_heartbeats
 from hpc.monitor.rundata import phase_totals, run_samples_per_s
 from hpc.util.io import read_json
+from hpc.util.progress import format_duration
 
 FINAL_STATES = ("completed", "done", "failed", "hung", "preempted", "cancelled")  # trainer + heartbeat states
 # What the trainer writes first (rundir.setup_logging, Trainer.__init__): a run directory that has
@@ -236,14 +237,7 @@ def _maybe_json(path: Path) -> dict | None:
 
 
 def _dur(s: float | None) -> str:
-    if s is None:
-        return "-"
-    s = int(round(s))
-    if s < 60:
-        return f"{s}s"
-    if s < 3600:
-        return f"{s // 60}m{s % 60:02d}s"
-    return f"{s // 3600}h{s % 3600 // 60:02d}m"
+    return "-" if s is None else format_duration(s)
 
 
 def _num(v: Any) -> str:

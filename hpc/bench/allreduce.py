@@ -24,7 +24,12 @@ import tempfile
 import time
 from pathlib import Path
 
+from hpc.dist.spawn import MPIEXEC_HINT, find_mpiexec, launch_env, mpiexec_command
+from hpc.util.io import atomic_write_json, read_json
 from hpc.util.table import emit
+
+# Heavy imports (torch ~1.6-2.3 s, mpi4py's MPI init ~1.1 s, and hpc.data/models/train/infer, which
+# import torch) stay inside the functions: `hpc --help` imports every bench module to list it.
 
 _MB = 1 << 20
 
@@ -71,9 +76,7 @@ def register(sub) -> None:
 def run(args) -> int:
     if args.worker:
         return _worker(args)
-    from hpc.dist.spawn import find_mpiexec, launch_env, mpiexec_command, MPIEXEC_HINT
     from hpc.dist.grad_sync import DEFAULT_BUCKET_MB
-    from hpc.util.io import read_json
 
     ranks = _parse_list(args.ranks, int, "--ranks")
     buckets = _parse_list(args.bucket_mb, float, "--bucket-mb")
@@ -129,7 +132,6 @@ def _worker(args) -> int:
 
     from hpc.dist import GradSync, init_comm
     from hpc.dist.mpi_backend import load_mpi
-    from hpc.util.io import atomic_write_json
 
     comm = init_comm("mpi")
     MPI = load_mpi()

@@ -18,13 +18,20 @@ shared machine hits them alike. samples/s counts training steps only (no validat
 
 from __future__ import annotations
 
+import logging
 import os
 import subprocess
 import tempfile
 import time
 from pathlib import Path
 
+from hpc.dist.spawn import MPIEXEC_HINT, find_mpiexec, launch_env, mpiexec_command
+from hpc.dist.world import world_from_env
+from hpc.util.io import atomic_write_json, read_json
 from hpc.util.table import emit
+
+# Heavy imports (torch ~1.6-2.3 s, mpi4py's MPI init ~1.1 s, and hpc.data/models/train/infer, which
+# import torch) stay inside the functions: `hpc --help` imports every bench module to list it.
 
 SHAPE = (3, 16, 16)
 CLASSES = 10
@@ -48,8 +55,6 @@ def run(args) -> int:
     if args.batch < 1 or args.steps < 10 or args.repeats < 1:
         raise ValueError("--batch >= 1, --steps >= 10 and --repeats >= 1 are required")
     from hpc.data import SynthConfig, synth
-    from hpc.dist.spawn import MPIEXEC_HINT, find_mpiexec, launch_env, mpiexec_command
-    from hpc.util.io import read_json
 
     mpiexec = find_mpiexec()
     if mpiexec is None:
@@ -136,13 +141,9 @@ def _plain(x, y, batch: int, steps: int) -> float:
 
 
 def _worker(args) -> int:
-    import logging
-
-    from hpc.dist.world import world_from_env
     from hpc.train import run as train
-    from hpc.train.memdata import MemoryReader
     from hpc.train.inputs import Data
-    from hpc.util.io import atomic_write_json
+    from hpc.train.memdata import MemoryReader
 
     logging.getLogger("hpc.train").setLevel(logging.WARNING)
     w = world_from_env()

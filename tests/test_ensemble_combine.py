@@ -6,7 +6,7 @@ import torch
 from safetensors.torch import load, save
 
 from hpc.ensemble.boosting import samme_scores
-from hpc.ensemble.combine import Combiner, combine, fit_meta, stacking_features
+from hpc.models.combine import Combiner, combine, fit_meta, stacking_features
 
 P1 = torch.tensor([[0.7, 0.2, 0.1], [0.1, 0.5, 0.4]])
 P2 = torch.tensor([[0.2, 0.5, 0.3], [0.0, 0.3, 0.7]])

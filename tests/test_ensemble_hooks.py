@@ -7,9 +7,8 @@ import torch
 from hpc.data.reader import StreamingReader
 from hpc.data.sources import shard_source
 from hpc.data.writer import WriterConfig
-from hpc.ensemble.hooks import apply_targets, targets_fn, weight_fn
-from hpc.ensemble.sampling import poisson1_counts
-from hpc.ensemble.stacking import fold_of
+from hpc.data.rowhooks import apply_targets, targets_fn, weight_fn
+from hpc.data.sampling import fold_of, poisson1_counts
 
 
 @pytest.fixture(scope="module")

@@ -18,7 +18,7 @@ from hpc.data.synth import SynthConfig, synth
 from hpc.data.writer import WriterConfig
 from hpc.ensemble.boosting import residual_targets, samme_round
 from hpc.ensemble.member import train_member
-from hpc.ensemble.runner import Runner
+from hpc.ensemble.driver import Runner
 from hpc.ensemble.spec import load_spec
 from hpc.registry import Registry
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from hpc.ensemble.sampling import bootstrap_weights, out_of_bag, poisson1_counts, uniform01
+from hpc.data.sampling import bootstrap_weights, out_of_bag, poisson1_counts, uniform01
 
 N = 200_000
 

@@ -39,7 +39,7 @@ def _dependency(job_id: str) -> str:
 
 
 def _submit(work, spec):
-    from hpc.ensemble.submit import submit_ensemble
+    from hpc.ensemble.slurm_jobs import submit_ensemble
 
     return submit_ensemble(spec, [], SlurmResources(time="10"), "slurm", False, str(work / "reg"))
 
@@ -85,7 +85,7 @@ def test_two_rank_members_and_a_preempted_array_task_requeues(work):
     import time
     from pathlib import Path
 
-    from hpc.ensemble.submit import submit_ensemble
+    from hpc.ensemble.slurm_jobs import submit_ensemble
 
     spec = _spec(work, "spre", method="bagging", bagging={"members": 2})
     sub = submit_ensemble(spec, ["train.epochs=60", "train.log_every=10"],

@@ -3,7 +3,8 @@
 import numpy as np
 import pytest
 
-from hpc.ensemble.stacking import OOFTable, fold_of, fold_weights, permute_rows
+from hpc.data.sampling import fold_of, fold_weights, permute_rows
+from hpc.ensemble.stacking import OOFTable
 
 
 @pytest.mark.parametrize("n", [1, 2, 7, 1000, 4097])

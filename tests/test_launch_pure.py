@@ -43,9 +43,14 @@ def test_requeue_outside_slurm_or_off_rank0_does_nothing():
 
 
 def test_run_id_matches_submitit_job_id():
-    assert job_run_id({"SLURM_JOB_ID": "12"}) == "slurm-12"
-    assert job_run_id({"SLURM_JOB_ID": "15", "SLURM_ARRAY_JOB_ID": "12", "SLURM_ARRAY_TASK_ID": "3"}) == "slurm-12_3"
-    assert job_run_id({}) is None
+    from hpc.dist.world import world_from_env
+
+    assert job_run_id(world_from_env({"SLURM_JOB_ID": "12"})) == "slurm-12"
+    assert job_run_id(world_from_env({"SLURM_JOB_ID": "15", "SLURM_ARRAY_JOB_ID": "12",
+                                      "SLURM_ARRAY_TASK_ID": "3"})) == "slurm-12_3"
+    assert job_run_id(world_from_env({"SLURM_JOB_ID": "16", "SLURM_ARRAY_JOB_ID": "16",
+                                      "SLURM_ARRAY_TASK_ID": "0"})) == "slurm-16_0"
+    assert job_run_id(world_from_env({})) is None
     assert with_run_id(["a=1"], "slurm-1") == ["a=1", "run_id=slurm-1"]
     assert with_run_id(["run_id=mine"], "slurm-1") == ["run_id=mine"]
 
@@ -56,7 +61,7 @@ def test_train_task_fails_the_job_when_training_fails(monkeypatch):
 
     seen = {}
 
-    def fake_run(config, overrides):
+    def fake_run(config, overrides, **kw):
         seen["overrides"] = overrides
         return {"state": "failed", "reason": "non-finite loss", "run_dir": "/r"}
 
@@ -66,7 +71,8 @@ def test_train_task_fails_the_job_when_training_fails(monkeypatch):
     with pytest.raises(RuntimeError, match="training ended failed: non-finite loss"):
         tasks.train_task("cfg.yaml", ["a=1"])
     assert seen["overrides"] == ["a=1", "run_id=slurm-77"]
-    monkeypatch.setattr(hpc.train, "run", lambda c, o: {"state": "preempted"})
+    monkeypatch.setattr(hpc.train, "run", lambda c, o, **kw: {"state": "preempted"})
+    monkeypatch.delenv("SLURM_JOB_ID")  # not under Slurm: no requeue of a real job 77
     with pytest.raises(SystemExit) as e:
         tasks.train_task("cfg.yaml", [])
     assert e.value.code == 3
@@ -196,3 +202,65 @@ def test_job_index_and_log_paths(tmp_path, monkeypatch):
     assert "rank 3 says hi" in buf.getvalue()
     with pytest.raises(ValueError, match="no log yet"):
         jobs.show_logs("41", 5, out=buf)
+
+
+# ------------------------------------------------------------------------------- typed inference work
+def _infer_cfg(tmp_path, **kw):
+    from hpc.infer.job import InferConfig
+
+    return InferConfig(**{"model": "digits@production", "input": str(tmp_path / "in"),
+                          "output": str(tmp_path / "out"), **kw})
+
+
+def test_infer_argv_parses_back_to_the_same_config(tmp_path):
+    # The CLI parses `hpc infer` arguments into the typed config; the ranks a job starts itself
+    # (launch_local, srun) get that config back as arguments: both ways agree.
+    from hpc.cli.infer import parse_infer_args
+    from hpc.launch.tasks import infer_argv
+
+    for cfg in (_infer_cfg(tmp_path), _infer_cfg(tmp_path, model="a@1,b@production", format="csv", batch_size=7,
+                                                   top_k=3, combine="vote", allow_unpromoted=True, overwrite=True,
+                                                   registry=str(tmp_path / "reg"), device="cpu")):
+        argv = infer_argv(cfg)
+        assert argv[0] == "infer"
+        assert parse_infer_args(argv[1:]) == (cfg, 1)
+    with pytest.raises(ValueError, match="hpc infer --help"):
+        parse_infer_args(["--model", "m@1", "--input", "i", "--output", "o", "--format", "xml"])
+    with pytest.raises(ValueError, match="--top-k"):
+        parse_infer_args(["--model", "m@1", "--input", "i", "--output", "o", "--top-k", "-1"])
+
+
+def test_infer_task_runs_the_typed_config(tmp_path, monkeypatch):
+    from hpc.launch import tasks
+
+    seen = {}
+    monkeypatch.setattr(tasks, "run_infer", lambda cfg, progress: seen.update(cfg=cfg, progress=progress) or
+                        {"state": "done"})
+    cfg = _infer_cfg(tmp_path)
+    assert tasks.infer_task(cfg) == {"state": "done"}
+    assert seen == {"cfg": cfg, "progress": True}
+    monkeypatch.setenv("HPC_PROGRESS_S", "soon")
+    with pytest.raises(ValueError, match="HPC_PROGRESS_S"):
+        tasks.infer_task(cfg)
+
+
+def test_scheduled_run_scores_then_moves_latest(tmp_path, monkeypatch):
+    from hpc.launch import tasks
+
+    def fake_infer_task(cfg, nproc=1):
+        if "bad" in cfg.model:
+            raise ValueError(f"--model {cfg.model}: no such model")
+        (tmp_path / "runs.txt").open("a").write(f"{cfg.model} {cfg.input} {cfg.registry}\n")
+        os.makedirs(cfg.output)
+        open(os.path.join(cfg.output, "_SUCCESS"), "w").close()
+        return {"state": "done"}
+
+    monkeypatch.setattr(tasks, "infer_task", fake_infer_task)
+    monkeypatch.setenv("SLURM_JOB_ID", "4242")
+    root = tmp_path / "scored"
+    dest = schedule.run_scheduled("n", "digits@production", str(tmp_path / "in"), str(root), registry="/reg")
+    assert dest.name.endswith("-4242") and os.readlink(root / "latest") == dest.name
+    assert (tmp_path / "runs.txt").read_text() == f"digits@production {tmp_path / 'in'} /reg\n"
+    with pytest.raises(SystemExit, match="latest unchanged"):
+        schedule.run_scheduled("n", "bad@production", str(tmp_path / "in"), str(root))
+    assert os.readlink(root / "latest") == dest.name

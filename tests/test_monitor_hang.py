@@ -90,6 +90,15 @@ def test_heartbeat_counts_start_up_before_it_existed_as_idle(tmp_path):
     assert beat["attempts"][0]["last"] - beat["attempts"][0]["started"] >= 5.0
 
 
+def test_heartbeat_takes_the_slurm_job_from_the_world_unless_given(tmp_path, monkeypatch):
+    monkeypatch.setenv("SLURM_JOB_ID", "99")
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "2")
+    hb = Heartbeat(tmp_path, 0, start=False)     # hpc.dist.world reads the variables
+    assert (hb.job_id, hb.restart_count) == ("99", 2)
+    hb = Heartbeat(tmp_path, 0, start=False, job_id="7", restart_count=0)
+    assert (hb.job_id, hb.restart_count) == ("7", 0)
+
+
 def test_heartbeat_rejects_unknown_phase(tmp_path):
     hb = Heartbeat(tmp_path, 0, start=False)
     with pytest.raises(ValueError, match="not one of data, compute, comm"):

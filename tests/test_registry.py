@@ -17,7 +17,7 @@ from safetensors.torch import load_file, save_file
 from hpc.cli import main
 from hpc.models import build_model
 from hpc.registry import IntegrityError, Registry
-from hpc.registry.ensemble import Ensemble
+from hpc.registry.scorers import Ensemble
 
 SCHEMA = {"task": "classification", "num_classes": 3,
           "fields": {"x": {"dtype": "float32", "shape": [6]}, "y": {"dtype": "int64", "shape": []}}}
@@ -172,7 +172,7 @@ def test_planted_pickle_is_never_loaded(reg, run_dir, tmp_path):
         reg.load("clf@production")
     # Even a pickle swapped in as the weights *with* rewritten checksums is not unpickled:
     # safetensors parsing refuses it.
-    from hpc.registry.store import format_sums
+    from hpc.registry.layout import format_sums
     from hpc.util.io import sha256_file
 
     (vdir / "model.pt").unlink()
@@ -262,7 +262,7 @@ def test_ensemble_lineage_and_cli(reg, tmp_path, capsys):
 
 
 def test_stacking_ensemble_meta_model_is_a_verified_artifact(reg, tmp_path):
-    from hpc.ensemble.combine import MetaModel
+    from hpc.models.combine import MetaModel
 
     for n, seed in (("a", 1), ("b", 2)):
         reg.add(make_run_dir(tmp_path / n, seed=seed), n)
@@ -282,7 +282,7 @@ def test_stacking_ensemble_meta_model_is_a_verified_artifact(reg, tmp_path):
 
 
 def test_normalization_recorded_as_trained(reg, tmp_path):
-    from hpc.registry.ensemble import Single
+    from hpc.registry.scorers import Single
 
     stats = {"x": {"mean": [1.0] * 6, "std": [2.0] * 6, "count": 9, "per": "feature"},
              "y": {"mean": [1.0], "std": [0.5], "count": 9, "per": "feature"}}

@@ -58,6 +58,17 @@ def test_bad_config_names_key_and_valid_values(override, match):
         load_config(BASE, override)
 
 
+def test_checks_against_the_world_are_written_once():
+    from hpc.train.checks import check_precision, per_rank_batch
+
+    assert per_rank_batch(64, 4) == 16
+    with pytest.raises(ValueError, match=r"data\.batch_size=64 \(the global batch\) is not divisible by the 3 ranks"):
+        per_rank_batch(64, 3)
+    check_precision("bf16", cuda=False)
+    with pytest.raises(ValueError, match="train.precision=fp16 needs a CUDA GPU"):
+        check_precision("fp16", cuda=False)
+
+
 def test_config_hash_ignores_names_and_paths_only():
     a = load_config(BASE)
     assert a.hash() == load_config(BASE, ["name=other", "out_dir=/x", "train.log_every=3"]).hash()
@@ -179,6 +190,21 @@ def test_checkpoints_keep_last_k_and_fall_back_past_a_damaged_one(tmp_path, capl
     torch.testing.assert_close(model.weight, weights[2], rtol=0, atol=0)
 
 
+def test_train_state_reads_and_writes_the_checkpoint_keys_of_older_checkpoints():
+    from hpc.train.state import TrainState
+
+    # The `shared` dict of a checkpoint's meta.json as the trainer has always written it.
+    shared = {"step": 17, "epoch": 1, "batch_in_epoch": 4, "last_val_step": 15, "config_hash": "abc",
+              "best": {"value": 0.5, "step": 15, "metrics": {"loss": 0.5}}, "evals_since_best": 1,
+              "nonfinite_run": 0, "scaler": None}
+    s = TrainState()
+    s.load_state_dict(shared)
+    assert s.position == (17, 1, 4) and s.best["step"] == 15 and s.evals_since_best == 1
+    assert {**s.state_dict(), "config_hash": "abc", "scaler": None} == shared
+    s.state_dict()["best"]["metrics"]["loss"] = 9.0   # a copy: the live state is not aliased
+    assert s.best["metrics"]["loss"] == 0.5
+
+
 def test_rng_states_restored(tmp_path):
     ck = Checkpoints(tmp_path, LocalComm(), keep=1)
     model = torch.nn.Linear(2, 2)
@@ -251,6 +277,55 @@ def test_run_in_process_writes_the_run_directory_contract_and_registers(tmp_path
     assert Registry(tmp_path / "reg").resolve("unit-model@staging").version == 1
     hb = json.loads((run_dir / "heartbeat" / "rank-0.json").read_text())  # for hpc status / report
     assert hb["state"] == "completed" and hb["step"] == 36
+    # The last validation (step 36, after max_steps, between eval_every points) counts as eval time.
+    assert [e[3] for e in hb["events"] if e[0] == "eval"] == [5, 10, 15, 20, 25, 30, 35, 36]
     # The same run_id again without resume is refused (it would mix two runs' checkpoints).
     with pytest.raises(ValueError, match="already has checkpoints; pass resume=auto"):
         run(cfg, [f"run_id={run_dir.name}"])
+
+
+def test_the_launch_layer_requeues_a_preempted_run_and_says_so_in_the_run_log(monkeypatch, tmp_path, capsys):
+    """The trainer only reports "preempted"; hpc.launch.tasks.run_training (hpc train, the submitted
+    train task) has rank 0 requeue the Slurm job and writes the line into the run's log."""
+    import hpc.train
+    from hpc.launch import tasks
+
+    seen = {}
+
+    def fake_run(config, overrides, on_hang=None):
+        seen["on_hang"] = on_hang
+        return {"state": "preempted", "step": 12, "run_dir": str(tmp_path),
+                "preemption": {"signal": "SIGUSR2", "checkpoint_s": 0.5}}
+
+    monkeypatch.setattr(hpc.train, "run", fake_run)
+    monkeypatch.setattr(tasks, "requeue_after_preemption",
+                        lambda world, checkpoint_s: f"requeued Slurm job {world.slurm_job_id} ({checkpoint_s}s)")
+    for var in ("RANK", "OMPI_COMM_WORLD_RANK", "PMIX_RANK", "PMI_RANK", "SLURM_PROCID"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("SLURM_JOB_ID", "4242")
+    s = tasks.run_training("cfg.yaml")
+    assert callable(seen["on_hang"])   # monitor.on_hang=requeue has the launcher's requeue to call
+    assert s["preemption"]["requeue"] == "requeued Slurm job 4242 (0.5s)"
+    line = "preempted by SIGUSR2 at step 12: checkpoint written; requeued Slurm job 4242"
+    assert line in capsys.readouterr().err and line in (tmp_path / "logs" / "rank-0.log").read_text()
+    monkeypatch.delenv("SLURM_JOB_ID")  # outside Slurm there is nothing to requeue
+    tasks.run_training("cfg.yaml")
+    assert seen["on_hang"] is None
+
+
+@pytest.mark.parametrize("on_hang", ["requeue", "exit"])
+def test_the_watchdog_calls_the_launchers_on_hang_only_for_monitor_on_hang_requeue(tmp_path, on_hang):
+    from hpc.train.watch import RunWatch
+
+    cfg = load_config(BASE, ["monitor.hang_s=60", f"monitor.on_hang={on_hang}", "train.progress=false"])
+
+    def requeue(report):
+        return None
+
+    watch = RunWatch(cfg, tmp_path, LocalComm(), total_steps=10, started=0.0, on_hang=requeue)
+    watch.start(0, 0, device="cpu", steps_per_epoch=10)
+    try:
+        assert watch.wd.on_hang is (requeue if on_hang == "requeue" else None)
+    finally:
+        watch.stop("completed")
+    assert json.loads((tmp_path / "heartbeat" / "rank-0.json").read_text())["state"] == "completed"

@@ -1,5 +1,9 @@
 """World discovery from every launcher's variables (pure function of the environment)."""
 
+import ast
+import re
+from pathlib import Path
+
 import pytest
 
 from hpc.dist.world import expand_nodelist, world_from_env
@@ -55,3 +59,69 @@ def test_expand_nodelist_at_scale():
     assert hosts[0] == "gpu0001" and hosts[1023] == "gpu1024"
     assert hosts[-5:] == ("login1", "cpu1", "cpu3", "cpu5", "cpu6")
     assert expand_nodelist("") == ()
+
+
+def test_slurm_job_facts():
+    w = world_from_env({"SLURM_JOB_ID": "15", "SLURM_ARRAY_JOB_ID": "12", "SLURM_ARRAY_TASK_ID": "3",
+                        "SLURM_NTASKS": "4", "SLURM_RESTART_COUNT": "1"})
+    assert (w.slurm_job_id, w.slurm_array_job_id, w.slurm_array_task_id, w.slurm_ntasks) == ("15", "12", 3, 4)
+    assert (w.rank, w.size) == (0, 1)  # the batch script: not an srun step
+    w = world_from_env({"SLURM_JOB_ID": "", "SLURM_ARRAY_JOB_ID": ""})
+    assert w.slurm_job_id is None and w.slurm_array_job_id is None and w.slurm_ntasks is None
+    assert not w.under_slurm
+    with pytest.raises(ValueError, match="SLURM_NTASKS='x'"):
+        world_from_env({"SLURM_NTASKS": "x"})
+
+
+def _slurm_name(node) -> bool:
+    """A string constant (or an f-string's head) that is a SLURM_* variable name, not a message."""
+    if isinstance(node, ast.JoinedStr) and node.values:
+        node = node.values[0]
+    return (isinstance(node, ast.Constant) and isinstance(node.value, str)
+            and re.fullmatch(r"SLURM_[A-Z0-9_]*", node.value) is not None)
+
+
+def _is_env(node) -> bool:
+    """``env``, ``environ``, ``os.environ`` (or ``self.env`` ...): something named like the environment."""
+    name = node.attr if isinstance(node, ast.Attribute) else getattr(node, "id", "")
+    return name in ("env", "environ", "environment")
+
+
+def slurm_env_reads(source: str) -> list[int]:
+    """Lines of ``source`` that read a SLURM_* environment variable: ``X.get("SLURM_..")`` (also
+    getenv/pop/setdefault), ``X["SLURM_.."]``, ``"SLURM_.." in X``, or a helper called with the
+    environment and a SLURM_* name (``_int(env, "SLURM_NTASKS")``). Messages that mention SLURM_
+    variables in text are not reads."""
+    lines = []
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Call):
+            func = node.func
+            fname = func.attr if isinstance(func, ast.Attribute) else getattr(func, "id", "")
+            if fname in ("get", "getenv", "pop", "setdefault") and node.args and _slurm_name(node.args[0]):
+                lines.append(node.lineno)
+            elif any(_slurm_name(a) for a in node.args) and any(_is_env(a) for a in node.args):
+                lines.append(node.lineno)
+        elif isinstance(node, ast.Subscript) and isinstance(node.ctx, ast.Load) and _slurm_name(node.slice):
+            lines.append(node.lineno)
+        elif (isinstance(node, ast.Compare) and _slurm_name(node.left)
+              and any(isinstance(op, (ast.In, ast.NotIn)) for op in node.ops)):
+            lines.append(node.lineno)
+    return sorted(set(lines))
+
+
+def test_the_slurm_read_finder_is_precise():
+    reads = ['os.environ.get("SLURM_JOB_ID")', "os.environ['SLURM_NTASKS']", 'env.get("SLURM_X", 1)',
+             'os.getenv("SLURM_JOB_ID")', '"SLURM_PROCID" in env', "environ.get(f'SLURM_{x}')",
+             '_int(env, "SLURM_NTASKS")', 'int(os.environ.get(\n    "SLURM_NTASKS") or 1)']
+    assert all(slurm_env_reads(s) for s in reads)
+    fine = ['raise ValueError(f"SLURM_JOB_ID={job_id!r} has no digits")', 'print("scontrol requeue $SLURM_JOB_ID")',
+            'env.get("MASTER_PORT")', 'os.environ.get(name)', 'x = "see SLURM_CONF"', 'w.slurm_job_id']
+    assert not any(slurm_env_reads(s) for s in fine)
+
+
+def test_only_world_reads_slurm_variables():
+    """hpc/dist/world.py is the one reader of SLURM_* variables: everything else takes a World."""
+    root = Path(__file__).resolve().parents[1] / "hpc"
+    found = [f"{path.relative_to(root.parent)}:{n}" for path in sorted(root.rglob("*.py"))
+             if path != root / "dist" / "world.py" for n in slurm_env_reads(path.read_text())]
+    assert not found, "SLURM_* read outside hpc/dist/world.py (use hpc.dist.world_from_env()): " + ", ".join(found)

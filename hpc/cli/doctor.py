@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from hpc.util.io import atomic_write_json
+
 
 def register(sub) -> None:
     p = sub.add_parser("doctor", help="preflight: versions, MPI, Slurm, signals, /dev/shm, HDF5 locking, "
@@ -25,7 +27,6 @@ def register(sub) -> None:
 
 def run(args) -> int:
     from hpc.monitor.doctor import DoctorConfig, format_rows, rows_json, run_doctor
-    from hpc.util.io import atomic_write_json
 
     cfg = DoctorConfig(data=args.data, run_dir=args.run_dir, registry=args.registry, output=args.output,
                        mpi=not args.no_mpi, mpi_ranks=args.mpi_ranks, mpi_mb=args.mpi_mb, read_mb=args.read_mb,

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+from hpc.cli._slurm_options import add_resource_options, print_or_report, resources_from_args
+from hpc.train.config import CONFIG_DIR, resolve_path
+from hpc.util.table import format_table
+
 
 def register(sub) -> None:
     p = sub.add_parser("ensemble", help="train ensembles of models (bagging, boosting, stacking)")
@@ -23,8 +27,6 @@ def register(sub) -> None:
 
 def add_submit_parser(sub, name: str) -> None:
     """`hpc ensemble submit` and its alias `hpc submit ensemble`: one parser, one function."""
-    from hpc.cli.submit import _resources  # the same Slurm options as `hpc submit train`
-
     s = sub.add_parser(name, help="members as one Slurm job array (boosting: an afterok chain), "
                         "then the combiner job", description="Submit the members that can run in parallel "
                         "(bagging members, stacking folds) as one job array, boosting rounds as an afterok "
@@ -34,12 +36,12 @@ def add_submit_parser(sub, name: str) -> None:
     s.add_argument("overrides", nargs="*", metavar="key=value", help="training-config overrides for every member")
     s.add_argument("--registry", default=None, help="registry root (default: $HPC_REGISTRY or ./registry)")
     s.add_argument("--max-parallel", type=int, default=256, help="array tasks running at once")
-    _resources(s)
+    add_resource_options(s)  # the same Slurm options as `hpc submit train`
     s.set_defaults(func=submit)
 
 
 def train(args) -> int:
-    from hpc.ensemble.runner import Runner
+    from hpc.ensemble.driver import Runner
     from hpc.ensemble.spec import load_spec
     from hpc.registry import Registry
 
@@ -54,16 +56,12 @@ def train(args) -> int:
 
 
 def submit(args) -> int:
-    from hpc.cli.submit import _report, _res
-    from hpc.ensemble.submit import submit_ensemble
+    from hpc.ensemble.slurm_jobs import submit_ensemble
 
     spec = resolve_spec(args.spec)
     registry = args.registry or load_spec_registry_root(spec)
-    out = submit_ensemble(str(spec), args.overrides, _res(args), args.mode, args.dry_run, registry)
-    if isinstance(out, str):
-        print(out, end="")
-        return 0
-    return _report(out, args)
+    out = submit_ensemble(str(spec), args.overrides, resources_from_args(args), args.mode, args.dry_run, registry)
+    return print_or_report(out, args)
 
 
 def load_spec_registry_root(path) -> str | None:
@@ -74,25 +72,16 @@ def load_spec_registry_root(path) -> str | None:
 
 def resolve_spec(name: str):
     """A path, or the name of a shipped spec (``ensemble_digits_bagging`` -> hpc/configs/...)."""
-    from pathlib import Path
-
-    from hpc.train.config import CONFIG_DIR
-
-    p = Path(name)
-    if p.is_file():
-        return p
-    shipped = CONFIG_DIR / (name if name.endswith(".yaml") else f"{name}.yaml")
-    if shipped.is_file():
-        return shipped
-    names = sorted(q.stem for q in CONFIG_DIR.glob("ensemble_*.yaml") if not q.stem.endswith("_base"))
-    raise ValueError(f"{name}: no such ensemble spec file, and not a shipped one ({', '.join(names)})")
+    try:
+        return resolve_path(name)  # the same lookup as training configs
+    except ValueError:  # list the shipped ensemble specs only
+        names = ", ".join(sorted(q.stem for q in CONFIG_DIR.glob("ensemble_*.yaml") if not q.stem.endswith("_base")))
+        raise ValueError(f"{name}: no such ensemble spec file, and not a shipped one ({names})") from None
 
 
 def results_table(res) -> str:
     """Every member, the mean and best member, and the ensemble, on each evaluated split."""
     import numpy as np
-
-    from hpc.util.table import format_table
 
     splits = list(res.metrics)
     if not splits:

@@ -2,10 +2,20 @@
 
 from __future__ import annotations
 
+import argparse
+
+from hpc.dist import launch_local, world_from_env
+from hpc.util.progress import progress_interval_s
+
 
 def register(sub) -> None:
     p = sub.add_parser("infer", help="batch inference: registered model(s) x data shards -> "
                        "one partition per shard, _MANIFEST.json, _SUCCESS")
+    add_infer_arguments(p)
+    p.set_defaults(func=run)
+
+
+def add_infer_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, metavar="REF",
                    help="NAME@ALIAS or NAME@VERSION; comma-separated for an ensemble (a@production,b@3)")
     p.add_argument("--input", required=True, metavar="DATA_DIR", help="a split directory (with manifest.json)")
@@ -24,10 +34,10 @@ def register(sub) -> None:
     p.add_argument("--registry", metavar="DIR", default=None,
                    help="registry root (default: $HPC_REGISTRY or ./registry)")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
-    p.set_defaults(func=run)
 
 
 def config_from_args(args):
+    """The typed job config of parsed `hpc infer` arguments (ValueError for a bad value)."""
     from hpc.infer.job import InferConfig
 
     return InferConfig(model=args.model, input=args.input, output=args.output, format=args.format,
@@ -36,30 +46,27 @@ def config_from_args(args):
                        registry=args.registry, device=args.device)
 
 
-def rank_argv(args) -> list[str]:
-    """The command line each rank runs under ``--nproc`` (the same job, without --nproc)."""
-    argv = ["infer", "--model", args.model, "--input", args.input, "--output", args.output,
-            "--format", args.format, "--batch-size", str(args.batch_size), "--top-k", str(args.top_k),
-            "--device", args.device]
-    for flag, value in (("--combine", args.combine), ("--registry", args.registry)):
-        if value is not None:
-            argv += [flag, value]
-    argv += [f for f, on in (("--allow-unpromoted", args.allow_unpromoted),
-                             ("--overwrite", args.overwrite)) if on]
-    return argv
+def parse_infer_args(argv: list[str]):
+    """(config, nproc) of `hpc infer ARGV` (for `hpc submit infer`): what `hpc infer` would refuse
+    is a ValueError, so nothing is queued."""
+    p = argparse.ArgumentParser(prog="hpc infer")
+    add_infer_arguments(p)
+    try:
+        args = p.parse_args(argv)
+    except SystemExit:  # argparse printed what is wrong
+        raise ValueError("the `hpc infer` arguments above are invalid (see `hpc infer --help`)") from None
+    return config_from_args(args), args.nproc
 
 
 def run(args) -> int:
-    from hpc.dist import launch_local, world_from_env
-
-    from hpc.util.progress import progress_interval_s
+    from hpc.launch.tasks import infer_argv
 
     cfg = config_from_args(args)  # validate before starting ranks
     progress_interval_s()  # here, where every rank checks it alike: only rank 0 reports progress
     if args.nproc < 1:
         raise ValueError(f"--nproc {args.nproc}: must be >= 1")
     if args.nproc > 1 and world_from_env().size == 1:
-        return launch_local(args.nproc, rank_argv(args))
+        return launch_local(args.nproc, infer_argv(cfg))  # each rank: the same job, without --nproc
     from hpc.infer.job import run as run_job
 
     run_job(cfg, progress=True)

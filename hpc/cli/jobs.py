@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from hpc.util.table import format_table
+
 
 def register(sub) -> None:
     j = sub.add_parser("jobs", help="your Slurm jobs (squeue), with the run directory of hpc-submitted ones")
@@ -21,7 +23,6 @@ def register(sub) -> None:
 
 
 def _jobs(args) -> int:
-    from hpc.util.table import format_table
     from hpc.launch.jobs import list_jobs
 
     headers, rows = list_jobs(args.all)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import json
 
+from hpc.util.table import format_table
+
 
 def register(sub) -> None:
     common = argparse.ArgumentParser(add_help=False)
@@ -125,8 +127,6 @@ def ensemble_tree(card: dict, card_of, _depth: int = 0) -> list[str]:
 
 
 def _list(args) -> int:
-    from hpc.util.table import format_table
-
     reg = _reg(args)
     rows = reg.list(args.name)
     if not rows:
@@ -188,7 +188,6 @@ def _verify(args) -> int:
 
 
 def _diff(args) -> int:
-    from hpc.util.table import format_table
     from hpc.registry.card import diff_cards
 
     reg = _reg(args)

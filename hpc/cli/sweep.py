@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from hpc.util.table import format_table
+
 
 def register(sub) -> None:
     p = sub.add_parser("sweep", help="sweeps submitted with `hpc submit sweep`")
@@ -17,7 +19,6 @@ def register(sub) -> None:
 
 
 def show(target: str | Path, roots: list[str] | None = None) -> int:
-    from hpc.util.table import format_table
     from hpc.launch.sweep import find_sweep, summarize, table
 
     sweep_dir = find_sweep(str(target), roots or ["runs"])

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+from hpc.util.versions import code_version, versions
+
 
 def register(sub) -> None:
     p = sub.add_parser("version", help="print the versions of hpc and its dependencies")
@@ -12,8 +14,6 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
-    from hpc.util.versions import code_version, versions
-
     info = versions()
     info["code"] = code_version() or "unknown"
     if args.json:

@@ -1,4 +1,4 @@
-"""The trainer-facing hook: per-sample weights and target overrides keyed by global row id.
+"""The trainer-facing row hook: per-sample weights and target overrides keyed by global row id.
 
 An ensemble member is an ordinary training run whose config carries two optional keys:
 
@@ -23,9 +23,9 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
+import torch
 
-from hpc.ensemble.sampling import bootstrap_weights
-from hpc.ensemble.stacking import fold_weights
+from hpc.data.sampling import bootstrap_weights, fold_weights
 
 KINDS = ("bootstrap", "holdout", "file")
 
@@ -85,8 +85,6 @@ def targets_fn(path: str | None, num_rows: int,
 
 def apply_targets(batch: dict, fn: Callable[[np.ndarray], np.ndarray], field: str) -> dict:
     """Replace ``batch[field]`` by ``fn(row_id)`` on real rows; padding rows (id -1) keep theirs."""
-    import torch
-
     rows = _np(batch["row_id"])
     real = rows >= 0
     t = batch[field]

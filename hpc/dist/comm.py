@@ -1,4 +1,4 @@
-"""The communication interface every backend implements, and ``init_comm`` that picks one.
+"""The communication interface every backend implements (``init_comm`` in ``backends.py`` picks one).
 
 One small interface (allreduce, broadcast, barrier, allgather) so the trainer and ``GradSync`` never
 know which library moves the bytes:
@@ -25,9 +25,8 @@ from typing import Any, NoReturn
 
 import torch
 
-from hpc.dist.world import World, world_from_env
+from hpc.dist.world import World
 
-BACKENDS = ("auto", "mpi", "torch", "horovod", "local")
 OPS = ("sum", "max", "min")
 # A collective that waits longer than this has a dead or stuck peer: fail instead of hanging until
 # the walltime. Generous because rank 0 may legitimately be slow (checkpoint writes, validation).
@@ -200,35 +199,3 @@ class LocalComm(Comm):
 
     def abort(self, code=1):
         raise SystemExit(code)
-
-
-def init_comm(backend: str = "auto", world: World | None = None,
-              timeout_s: float = DEFAULT_TIMEOUT_S) -> Comm:
-    """Create the communicator; ``auto`` = mpi under an MPI launcher, local for one process.
-
-    ``auto`` with several ranks started by a non-MPI launcher (torchrun, plain srun) picks torch.
-    """
-    if backend not in BACKENDS:
-        raise ValueError(f"backend {backend!r} is not known; valid backends: {', '.join(BACKENDS)}")
-    world = world or world_from_env()
-    if backend == "auto":
-        if world.under_mpi:
-            backend = "mpi"
-        elif world.size > 1:
-            backend = "torch"
-        else:
-            backend = "local"
-    if backend == "local":
-        return LocalComm(world, timeout_s)
-    if backend == "mpi":
-        from hpc.dist.mpi_backend import MPIComm
-
-        return MPIComm(world, timeout_s)
-    if backend == "torch":
-        from hpc.dist.torch_backend import TorchComm
-
-        return TorchComm(world, timeout_s)
-    from hpc.dist.horovod_backend import HorovodComm
-
-    assert backend == "horovod", backend
-    return HorovodComm(world, timeout_s)

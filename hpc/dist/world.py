@@ -13,7 +13,9 @@ read as Open MPI/PMIx, which is what mpi4py will see):
 | Slurm (srun) | SLURM_PROCID | SLURM_NTASKS | SLURM_LOCALID | SLURM_NTASKS_PER_NODE |
 | none | 0 | 1 | 0 | 1 |
 
-Slurm facts (job id, array index, restart count, node list) are read whenever present.
+Slurm facts (job id, array job id and index, task count, restart count, node list) are read whenever
+present. No other module reads ``SLURM_*`` variables (tests/test_world.py checks it): they take a
+``World``.
 """
 
 from __future__ import annotations
@@ -34,7 +36,9 @@ class World:
     launcher: str = "single"  # torchrun | openmpi | pmix | pmi | slurm | single
     hostname: str = field(default_factory=socket.gethostname)
     slurm_job_id: str | None = None
+    slurm_array_job_id: str | None = None     # the array's own id (submitit's %j is <array>_<index>)
     slurm_array_task_id: int | None = None
+    slurm_ntasks: int | None = None           # tasks of the allocation (SLURM_NTASKS), also in the batch script
     slurm_restart_count: int = 0
     slurm_nodelist: tuple[str, ...] = ()
     master_addr: str | None = None
@@ -150,8 +154,10 @@ def world_from_env(env: Mapping[str, str] | None = None) -> World:
     master_addr = env.get("MASTER_ADDR") or (nodelist[0] if nodelist else None)
     return World(
         rank=rank, size=size, local_rank=local_rank, local_size=local_size, launcher=launcher,
-        slurm_job_id=env.get("SLURM_JOB_ID"),
+        slurm_job_id=env.get("SLURM_JOB_ID") or None,
+        slurm_array_job_id=env.get("SLURM_ARRAY_JOB_ID") or None,
         slurm_array_task_id=_int(env, "SLURM_ARRAY_TASK_ID"),
+        slurm_ntasks=_int(env, "SLURM_NTASKS"),
         slurm_restart_count=_int(env, "SLURM_RESTART_COUNT") or 0,
         slurm_nodelist=nodelist,
         master_addr=master_addr,

@@ -1,7 +1,8 @@
-"""`hpc ensemble train`: train an ensemble's members one after another, register them, combine.
+"""`hpc ensemble train`: the driver that trains an ensemble's members one after another,
+registers them and combines them.
 
 Every member is an ordinary training run of the base config with its own overrides, seed and
-row-keyed sample weights / targets (``hpc.ensemble.hooks``), run with a deterministic run id
+row-keyed sample weights / targets (``hpc.data.rowhooks``), run with a deterministic run id
 ``ens-<config hash>`` and registered as ``NAME-m<i>`` (bagging), ``NAME-r<k>`` (boosting) or
 ``NAME-l<m>f<j>`` (stacking). A rerun finds a registered version whose run directory carries the
 same id and skips the training (boosting still re-predicts the training split to rebuild the
@@ -18,20 +19,28 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
 import torch
+from safetensors.torch import load_file, save
 
+from hpc.data.manifest import load_manifest
+from hpc.data.reader import iter_shard
+from hpc.data.sampling import fold_of
 from hpc.ensemble.boosting import residual_round_weight, residual_targets, samme_round
-from hpc.ensemble.combine import combine, fit_meta, stacking_features
 from hpc.ensemble.member import train_member
 from hpc.ensemble.spec import EnsembleSpec
-from hpc.ensemble.stacking import OOFTable, fold_of
+from hpc.ensemble.stacking import OOFTable
+from hpc.models.combine import combine, fit_meta, stacking_features
+from hpc.registry.layout import META
+from hpc.train.config import load_config
+from hpc.train.inputs import TARGET
+from hpc.train.preempt import EXIT_PREEMPTED
 from hpc.util.io import atomic_write_bytes, atomic_write_json
-
 
 
 @dataclass
@@ -64,16 +73,12 @@ class Runner:
                  rank: int = 0):
         """``nproc``: local ranks each member trains on (launched here). ``rank``: this process's
         rank when the Runner itself runs once per rank (a multi-task Slurm member task)."""
-        from hpc.train.config import load_config
-
         self.spec, self.registry, self.nproc, self.log, self.rank = spec, registry, nproc, log, rank
         self.base = spec.base_path()
         cfg = load_config(self.base, spec.overrides)  # validates the base config now
         self.base_config = cfg
         self.data_dir = Path(cfg.data.dir)
         self.work = Path(cfg.out_dir) / spec.name / "ensemble"
-        from hpc.data.manifest import load_manifest
-
         self.train_manifest = load_manifest(self.data_dir / "train")
         self.task = self.train_manifest.task
         self.n = self.train_manifest.total_samples
@@ -84,12 +89,8 @@ class Runner:
     def member(self, name: str, index: int, hook: dict, source: str = "best") -> Member:
         """Train (or find registered) one member: base + spec overrides + the row hook; register it.
 
-        ``hook`` = {"sample_weights": spec | None, "targets_from": path | None} (hpc.ensemble.hooks).
+        ``hook`` = {"sample_weights": spec | None, "targets_from": path | None} (hpc.data.rowhooks).
         """
-        import json
-
-        from hpc.train.config import load_config
-
         overrides = self.spec.member_overrides(index) + [f"seed={self.spec.seed + index}"]
         if hook["sample_weights"] and self.task == "classification":
             # remainder=pad: every row of the member's bootstrap/fold sample is seen each epoch
@@ -110,8 +111,6 @@ class Runner:
         if state == "preempted":
             # Checkpointed (and requeued under Slurm): the requeued job (or a rerun) resumes this
             # run through its fixed run id; never register a half-trained member.
-            from hpc.train.preempt import EXIT_PREEMPTED
-
             self.log(f"{name}: preempted; rerun (or the requeued job) resumes run {run_id}")
             raise SystemExit(EXIT_PREEMPTED)
         if state != "completed":
@@ -141,12 +140,7 @@ class Runner:
 
     # ------------------------------------------------------------------ predictions
     def _targets(self, split: Path) -> np.ndarray:
-        from hpc.data.reader import iter_shard
-        from hpc.data.manifest import load_manifest
-
         m = load_manifest(split)
-        from hpc.train.inputs import TARGET
-
         f = TARGET[m.task]
         return np.concatenate([b[f].numpy() for s in range(len(m.shards))
                                for b in iter_shard(m, s, 4096, normalize=False)])
@@ -155,8 +149,6 @@ class Runner:
         """A member's outputs (probabilities [N, C] or predictions [N]) on a split, in row order."""
         key = (ref, split)
         if key not in self._cache:
-            from hpc.data.manifest import load_manifest
-            from hpc.data.reader import iter_shard
             # batch inference's scorer: the card's normalization, then probabilities/predictions
             scorer, _card = self.registry.load_scorer(ref, allow_unpromoted=True)
             m = load_manifest(self.data_dir / split)
@@ -209,10 +201,6 @@ class Runner:
         meta = getattr(self, "_meta_model", None)
         if meta is None:
             return True
-        from safetensors.torch import load_file
-
-        from hpc.registry.store import META
-
         path = self.registry.version_dir(self.registry.resolve(ref)) / META
         if not path.is_file():
             return False
@@ -326,8 +314,6 @@ class Runner:
         mp = p.meta
         meta = fit_meta(feats, torch.from_numpy(self.y), self.task, mp.kind, mp.epochs, mp.lr,
                         mp.weight_decay, mp.hidden, seed, num_classes=width or None)
-        from safetensors.torch import save
-
         atomic_write_bytes(self.work / "meta.safetensors", save(meta.state_dict()))
         self._meta_model = meta
         return Result("stacking", self.task, members, groups=groups,
@@ -336,7 +322,7 @@ class Runner:
 
     # ------------------------------------------------------------------ evaluation and output
     def method_of(self, res: Result) -> str:
-        """The combine method (hpc.ensemble.combine) of an ensemble trained with ``res.method``."""
+        """The combine method (hpc.models.combine) of an ensemble trained with ``res.method``."""
         return {"bagging": self.spec.bagging.combine if self.spec.bagging else "mean",
                 "boosting": "weighted", "stacking": "stacking"}[res.method]
 

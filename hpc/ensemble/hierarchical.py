@@ -30,8 +30,9 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from hpc.util.typed import require
 from hpc.models.families import build_model, register_model, task_of
+from hpc.registry import Registry
+from hpc.util.typed import require
 
 
 @dataclass
@@ -108,8 +109,6 @@ class Hierarchical(nn.Module):
 
 @register_model("hierarchical", config=HierarchicalConfig, task="classification")
 def build(cfg: HierarchicalConfig, schema: dict) -> nn.Module:
-    from hpc.registry import Registry
-
     reg = Registry(cfg.registry)
     extractor, card = reg.load(cfg.ref, allow_unpromoted=True)
     if card.get("kind") == "ensemble":

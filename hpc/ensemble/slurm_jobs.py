@@ -3,7 +3,7 @@
 - bagging: K members, one array task each; stacking: L level-0 models x F folds, one array task
   each. Boosting: K rounds as K single jobs, each ``afterok`` on the previous round.
 - the combiner job (``afterok`` on the array / the last round) runs ``hpc ensemble train``'s
-  whole runner: every member is registered by then, so it only predicts the training split where
+  whole driver (``driver.Runner``): every member is registered by then, so it only predicts the training split where
   it must (boosting weights, stacking out-of-fold table), fits the meta-model, evaluates and
   registers the ensemble.
 
@@ -17,18 +17,21 @@ return at once. With ``--nodes``/``--tasks-per-node`` each member trains on that
 
 from __future__ import annotations
 
+import os
 from dataclasses import replace
 from pathlib import Path
 from typing import Sequence
 
-from hpc.ensemble.runner import Runner
+from hpc.dist.world import world_from_env
+from hpc.ensemble.driver import Runner
 from hpc.ensemble.spec import load_spec
+from hpc.launch.sbatch import render_sbatch
+from hpc.launch.submit import LOG_DIR, Submitted, _python, check_with_slurm, make_executor, run_jobs
+from hpc.registry import Registry
 
 
 def _runner(spec_path: str, overrides: Sequence[str], registry_root: str, log=print, rank: int = 0,
             nproc: int = 1) -> Runner:
-    from hpc.registry import Registry
-
     spec = load_spec(spec_path)
     spec.overrides = list(spec.overrides) + list(overrides)
     return Runner(spec, Registry(registry_root), nproc=nproc, log=log, rank=rank)
@@ -39,8 +42,6 @@ def member_task(spec_path: str, overrides: Sequence[str], registry_root: str, in
     """Array task / chain link ``index``, run once per Slurm task (rank): every rank trains the
     member, rank 0 registers it and returns NAME@VERSION (the other ranks return None).
     ``nproc`` > 1 (``--local``): this one process trains the member on N local MPI ranks."""
-    from hpc.dist.world import world_from_env
-
     rank = world_from_env().rank
     return _runner(spec_path, overrides, registry_root, log=print if rank == 0 else (lambda s: None),
                    rank=rank, nproc=nproc).train_task(index)
@@ -56,11 +57,6 @@ def combine_task(spec_path: str, overrides: Sequence[str], registry_root: str) -
 def submit_ensemble(spec_path: str, overrides: Sequence[str], res, mode: str = "slurm",
                     dry_run: bool = False, registry_root: str | None = None):
     """Submit the members and the combiner; returns ``Submitted`` (or the scripts for --dry-run)."""
-    import os
-
-    from hpc.launch.sbatch import render_sbatch
-    from hpc.launch.submit import LOG_DIR, Submitted, _python, check_with_slurm, make_executor, run_jobs
-
     spec_path = str(Path(spec_path).resolve())
     root = str(Path(registry_root or os.environ.get("HPC_REGISTRY") or "registry").resolve())
     runner = _runner(spec_path, overrides, root, log=lambda s: None)  # validates spec and base config

@@ -33,12 +33,21 @@ from typing import Any, Callable
 
 import torch
 
+from hpc.data.manifest import check_schema, load_manifest
+from hpc.data.partition import assign_shards
+from hpc.data.reader import check_shards
+from hpc.dist import init_comm
 from hpc.infer.output import (MANIFEST, SUCCESS, claim_output, partition_record, read_output,
                               sidecar_path)
 from hpc.infer.pipeline import score_shards
 from hpc.infer.writers import FORMATS, partition_name, write_partition
+from hpc.models.combine import Combiner
+from hpc.registry import Registry
+from hpc.registry.card import ensemble_card
+from hpc.registry.scorers import Ensemble
 from hpc.util.io import atomic_write_json, atomic_write_text, read_json, sha256_bytes, sha256_file
 from hpc.util.progress import Progress
+from hpc.util.versions import code_version, versions
 
 __all__ = ["InferConfig", "check_input", "load_scorer", "read_output", "run"]
 COMBINES = ("mean", "vote")
@@ -90,11 +99,6 @@ class InferConfig:
 # ------------------------------------------------------------------------------ model and input
 def load_scorer(cfg: InferConfig, device: str = "cpu") -> tuple[Any, dict]:
     """(scorer, record): the scorer to run and what the outputs/manifest say about the model(s)."""
-    from hpc.ensemble.combine import Combiner
-    from hpc.registry import Registry
-    from hpc.registry.card import ensemble_card
-    from hpc.registry.ensemble import Ensemble
-
     reg = Registry(cfg.registry)
     loaded = [reg.load_scorer(r, cfg.allow_unpromoted, device) for r in cfg.refs]
     cards = [c for _, c in loaded]
@@ -117,8 +121,6 @@ def load_scorer(cfg: InferConfig, device: str = "cpu") -> tuple[Any, dict]:
 
 def check_input(model_rec: dict, manifest) -> None:
     """The input's task and fields must be the model's (ValueError naming every mismatch)."""
-    from hpc.data.manifest import check_schema
-
     if manifest.task != model_rec["task"]:
         raise ValueError(f"{manifest.path}: the data's task is {manifest.task}, the model "
                          f"{model_rec['name']}@{model_rec['version']} was trained for {model_rec['task']}")
@@ -150,8 +152,6 @@ def run(cfg: InferConfig, comm=None, log: Callable[[str], None] = print, progres
     ``progress``: rank 0 reports the rows IT has scored of the rows of ITS shards on stderr
     (``hpc.util.progress``): no collective or shared-file polling per line, and since shards are
     balanced by samples, rank 0's share tracks the whole job's."""
-    from hpc.dist import init_comm
-
     start = time.time()
     own_comm = comm is None
     comm = comm or init_comm("auto")
@@ -162,10 +162,6 @@ def run(cfg: InferConfig, comm=None, log: Callable[[str], None] = print, progres
 
 
 def _run(cfg: InferConfig, comm, log: Callable[[str], None], start: float, progress: bool = False) -> dict:
-    from hpc.data.manifest import load_manifest
-    from hpc.data.partition import assign_shards
-    from hpc.data.reader import check_shards
-
     world = comm.world
     device = _device(cfg, world.local_rank)
     scorer, model_rec = load_scorer(cfg, str(device))
@@ -234,8 +230,6 @@ def _run(cfg: InferConfig, comm, log: Callable[[str], None], start: float, progr
 
 def _finish(out: Path, cfg: InferConfig, job: dict, job_sha: str, model_rec: dict, manifest,
             ranks: list[dict], start: float) -> dict:
-    from hpc.util.versions import code_version, versions
-
     parts = []
     for s, n in enumerate(manifest.sample_counts):
         rec = partition_record(out, s, cfg.format, job_sha, n, rehash=False)

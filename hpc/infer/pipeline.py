@@ -17,7 +17,8 @@ from typing import Callable
 import numpy as np
 import torch
 
-from hpc.data.reader import put_unless_stopped
+from hpc.data.reader import iter_shard, put_unless_stopped
+from hpc.registry.scorers import move
 
 
 def id_fields(manifest) -> list[str]:
@@ -69,8 +70,6 @@ def score_shards(scorer, manifest, shards: list[int], batch_size: int, prefetch:
     Returns ``{rows, read_wait_s, write_wait_s}``: the compute thread's time blocked on the reader
     (input-bound) and on the writer (output-bound); both near 0 means compute-bound.
     """
-    from hpc.data.reader import iter_shard
-
     ids = id_fields(manifest)
     stop = threading.Event()
     batches: queue.Queue = queue.Queue(maxsize=prefetch)
@@ -95,8 +94,6 @@ def score_shards(scorer, manifest, shards: list[int], batch_size: int, prefetch:
             if item is None:
                 return
             publish(*item)
-
-    from hpc.registry.ensemble import move
 
     reader, writer = _Thread(read, "infer-reader"), _Thread(write, "infer-writer")
     reader.start()

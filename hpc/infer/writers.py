@@ -14,7 +14,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Mapping
 
+import h5py
 import numpy as np
+import pyarrow as pa
+import pyarrow.csv as pcsv
+import pyarrow.parquet as pq
 
 from hpc.util.io import atomic_path
 
@@ -26,8 +30,6 @@ def partition_name(shard: int, fmt: str) -> str:
 
 
 def _arrow_table(columns: Mapping[str, np.ndarray], meta: Mapping[str, str], flatten: bool):
-    import pyarrow as pa
-
     names, arrays = [], []
     for name, col in columns.items():
         col = np.asarray(col)
@@ -49,20 +51,14 @@ def _arrow_table(columns: Mapping[str, np.ndarray], meta: Mapping[str, str], fla
 
 
 def _write_parquet(tmp: Path, columns, meta) -> None:
-    import pyarrow.parquet as pq
-
     pq.write_table(_arrow_table(columns, meta, flatten=False), tmp)
 
 
 def _write_csv(tmp: Path, columns, meta) -> None:
-    import pyarrow.csv as pcsv
-
     pcsv.write_csv(_arrow_table(columns, meta, flatten=True), tmp)
 
 
 def _write_hdf5(tmp: Path, columns, meta) -> None:
-    import h5py
-
     with h5py.File(tmp, "w", track_order=False) as f:
         for k, v in meta.items():
             f.attrs[k] = str(v)
@@ -91,14 +87,8 @@ def write_partition(dest: Path, fmt: str, columns: Mapping[str, np.ndarray], met
 def count_rows(path: Path, fmt: str) -> int:
     """Rows in a written partition (used by tests and by `hpc infer` to validate one)."""
     if fmt == "parquet":
-        import pyarrow.parquet as pq
-
         return pq.ParquetFile(path).metadata.num_rows
     if fmt == "hdf5":
-        import h5py
-
         with h5py.File(path, "r") as f:
             return len(f["index"])
-    import pyarrow.csv as pcsv
-
     return pcsv.read_csv(path).num_rows

@@ -30,6 +30,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
+from hpc.dist.world import world_from_env
 from hpc.util.io import atomic_write_json, read_json
 
 PHASES = ("data", "compute", "comm", "checkpoint", "eval", "idle")
@@ -121,10 +122,11 @@ class Heartbeat:
         self.run_dir, self.rank, self.interval_s = Path(run_dir), int(rank), float(interval_s)
         self.path = heartbeat_path(run_dir, rank)
         self.world_size, self.total_steps = world_size, total_steps
-        self.job_id = job_id if job_id is not None else os.environ.get("SLURM_JOB_ID")
-        if restart_count is None:
-            restart_count = int(os.environ.get("SLURM_RESTART_COUNT") or 0)
-        self.restart_count = restart_count
+        if job_id is None or restart_count is None:  # not given: this process's Slurm job, if any
+            world = world_from_env()
+            job_id = world.slurm_job_id if job_id is None else job_id
+            restart_count = world.slurm_restart_count if restart_count is None else restart_count
+        self.job_id, self.restart_count = job_id, restart_count
         # ``clock`` (simulations, tests): one callable giving epoch seconds for both wall and durations.
         self._mono = clock or time.monotonic
         self._wall = clock or time.time

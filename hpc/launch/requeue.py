@@ -1,4 +1,5 @@
-"""Requeue the running Slurm job after the all-rank checkpoint (called by the trainer, rank 0).
+"""Requeue the running Slurm job after the all-rank checkpoint (rank 0; ``hpc.launch.tasks.run_training``
+calls it when a run ends preempted, and passes ``hang_requeuer`` to the trainer's hang watchdog).
 
 Time-limit requeues are capped at ``max_requeues`` (``HPC_MAX_REQUEUES``, default 3): a job that
 cannot finish within its limit would otherwise cycle forever. Preemptions are not capped: they are
@@ -16,6 +17,7 @@ from __future__ import annotations
 import os
 import re
 import sys
+from typing import Callable
 
 from hpc.launch import slurm
 from hpc.launch.slurmtime import parse_slurm_time
@@ -102,6 +104,34 @@ def requeue_current_job(world, *, max_requeues: int | None = None, reason: str |
     slurm.run(["scontrol", "requeue", job_id])
     _say(f"Slurm job {job_id} {message} (restart {world.slurm_restart_count + 1})")
     return True
+
+
+def requeue_after_preemption(world, checkpoint_s: float | None = None) -> str:
+    """Rank 0, after a run ended preempted (checkpointed): requeue the job under Slurm; returns
+    what happened, for the log line. Never raises: a failed requeue must not lose the checkpoint."""
+    if not world.under_slurm:
+        return "not under Slurm: not requeued (rerun with resume=auto to continue)"
+    try:
+        done = requeue_current_job(world, checkpoint_s=checkpoint_s)
+    except Exception as e:
+        return f"requeue of Slurm job {world.slurm_job_id} failed: {e}"
+    if not done:
+        return f"Slurm job {world.slurm_job_id} not requeued (see the hpc.launch line above)"
+    return f"requeued Slurm job {world.slurm_job_id}"
+
+
+def hang_requeuer(world) -> Callable[[object], None] | None:
+    """The hang watchdog's ``on_hang`` for ``monitor.on_hang=requeue``: rank 0 requeues the Slurm
+    job (a time-limit requeue, counted against max_requeues) before the ranks exit; None outside
+    Slurm, where there is nothing to requeue."""
+    if not world.under_slurm:
+        return None
+
+    def on_hang(report) -> None:  # noqa: ARG001 - the hang report is already written
+        if world.is_main:
+            requeue_current_job(world, reason="timeout")
+
+    return on_hang
 
 
 def _time_left(job_id: str) -> int | None:

@@ -18,6 +18,8 @@ import shlex
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from submitit.slurm.slurm import _make_sbatch_string
+
 from hpc.launch.slurmtime import UNLIMITED, parse_slurm_time
 
 _MEM = re.compile(r"^\d+(?:\.\d+)?[KMGT]?B?$", re.IGNORECASE)
@@ -162,8 +164,6 @@ def submitit_command(python: str, folder: str | Path) -> str:
 
 def render_sbatch(res: SlurmResources, folder: str | Path, python: str, array_size: int | None = None) -> str:
     """The sbatch script submitit submits for ``res`` with logs in ``folder`` (pure)."""
-    from submitit.slurm.slurm import _make_sbatch_string
-
     params = slurm_parameters(res)
     if array_size is not None:
         params["map_count"] = array_size

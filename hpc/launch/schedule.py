@@ -19,7 +19,9 @@ import os
 import re
 import shlex
 import shutil
+import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -27,8 +29,11 @@ from pathlib import Path
 
 from cronsim import CronSim, CronSimError
 
+from hpc.dist.world import mpi_env_for_root, world_from_env
 from hpc.launch import slurm
 from hpc.launch.sbatch import SlurmResources
+from hpc.registry import default_root
+from hpc.util.io import fsync_dir
 
 BEGIN, END = "# hpc-schedule ", "# hpc-schedule end "
 
@@ -164,8 +169,6 @@ class Schedule:
         if "@" not in self.model:
             raise ValueError(f"--model {self.model!r}: expected NAME@ALIAS or NAME@VERSION (e.g. digits@production)")
         self.input, self.output = str(Path(self.input).resolve()), str(Path(self.output).resolve())
-        from hpc.registry import default_root
-
         self.registry = str(Path(self.registry or default_root()).resolve())
         self.res.name = f"hpc-sched-{self.name}"
         self.res.check()
@@ -257,8 +260,6 @@ def _current() -> str:
 
 
 def _install_text(text: str) -> None:
-    import tempfile
-
     with tempfile.NamedTemporaryFile("w", suffix=".scrontab", delete=False) as f:
         f.write(text)
     try:
@@ -315,34 +316,36 @@ def point_latest(root: Path, run_id: str) -> None:
         tmp.unlink()
     os.symlink(run_id, tmp)
     os.replace(tmp, latest)  # rename(2) over the old link: readers see old or new, never neither
-    from hpc.util.io import fsync_dir
-
     fsync_dir(root)
 
 
 def run_scheduled(name: str, model: str, input: str, output: str, ntasks: int = 1, mpi: bool = True,
                   registry: str | None = None) -> Path:
     """Score ``input`` into ``output/<run id>/``, then move ``output/latest`` to it."""
-    import subprocess
+    # The job body only: hpc.launch.tasks imports the inference job (torch, ~1 s measured), which
+    # `hpc schedule infer|list|remove` (importing this module) must not wait for.
+    from hpc.infer.job import InferConfig
+    from hpc.launch.tasks import infer_argv, infer_task
 
     root = Path(output)
     root.mkdir(parents=True, exist_ok=True)
-    run_id = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()) + f"-{os.environ.get('SLURM_JOB_ID', os.getpid())}"
+    run_id = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()) + f"-{world_from_env().slurm_job_id or os.getpid()}"
     dest = root / run_id
-    argv = ["infer", "--model", model, "--input", input, "--output", str(dest)]
-    if registry:
-        argv += ["--registry", registry]
-    if ntasks > 1:
-        from hpc.dist.world import mpi_env_for_root
-
-        srun = ["srun", "-n", str(ntasks)] + (["--mpi=pmix"] if mpi else [])
-        rc = subprocess.call(srun + [sys.executable, "-m", "hpc", *argv], env={**os.environ, **mpi_env_for_root()})
-    else:
-        from hpc.cli import main
-
-        rc = main(argv)
+    try:
+        cfg = InferConfig(model=model, input=input, output=str(dest), registry=registry)
+        if ntasks > 1:
+            srun = ["srun", "-n", str(ntasks)] + (["--mpi=pmix"] if mpi else [])
+            rc = subprocess.call(srun + [sys.executable, "-m", "hpc", *infer_argv(cfg)],
+                                 env={**os.environ, **mpi_env_for_root()})
+        else:
+            infer_task(cfg)
+            rc = 0
+    except (ValueError, FileNotFoundError) as e:  # bad input: no traceback, as `hpc infer` says it
+        print(f"hpc infer: error: {e}", file=sys.stderr, flush=True)
+        rc = 2
     if rc != 0:
-        raise SystemExit(f"schedule {name}: `hpc {' '.join(argv)}` exited {rc}; latest unchanged")
+        raise SystemExit(f"schedule {name}: scoring {input} with {model} into {dest} exited {rc}; "
+                         "latest unchanged")
     point_latest(root, run_id)
     print(f"schedule {name}: scored into {dest}; {root / 'latest'} -> {run_id}", flush=True)
     return dest

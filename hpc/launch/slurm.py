@@ -16,6 +16,8 @@ import subprocess
 import time
 from typing import Iterable, Sequence
 
+from submitit.slurm import slurm as ss
+
 # Slurm's long state names that mean "not finished yet" (squeue %T and sacct agree on them).
 ACTIVE_STATES = frozenset({"PENDING", "CONFIGURING", "RUNNING", "COMPLETING", "REQUEUED",
                            "REQUEUE_HOLD", "REQUEUE_FED", "RESIZING", "SUSPENDED", "PREEMPTED",
@@ -122,8 +124,6 @@ def install_submitit_watcher() -> None:
     submitit (1.5) polls ``sacct`` through one shared ``SlurmJob.watcher``; its ``read_info``
     parses ``JobID|State|NodeList`` text, so we feed it the same text built from squeue.
     """
-    from submitit.slurm import slurm as ss
-
     if accounting_enabled() or isinstance(ss.SlurmJob.watcher, _SqueueWatcher):
         return
     old = ss.SlurmJob.watcher
@@ -132,13 +132,7 @@ def install_submitit_watcher() -> None:
     ss.SlurmJob.watcher = new
 
 
-try:
-    from submitit.slurm.slurm import SlurmInfoWatcher as _Base
-except ImportError:  # pragma: no cover - submitit is a hard dependency
-    _Base = object  # type: ignore[assignment,misc]
-
-
-class _SqueueWatcher(_Base):  # type: ignore[misc,valid-type]
+class _SqueueWatcher(ss.SlurmInfoWatcher):
     def update(self) -> None:
         to_check = {x.split("_")[0] for x in self._registered - self._finished}
         if not to_check:

@@ -15,15 +15,23 @@ Layout: the run directory is ``<out_dir>/<name>/slurm-<job id>/`` and submitit's
 from __future__ import annotations
 
 import os
+import shlex
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+import submitit
+
+from hpc.infer.job import InferConfig
 from hpc.launch import slurm
 from hpc.launch.sbatch import SlurmResources, render_sbatch, slurm_parameters
+from hpc.launch.sweep import expand_grid, point_overrides, write_sweep
+from hpc.launch.tasks import infer_task, register_task, train_task
+from hpc.registry import Registry, default_root
+from hpc.train.config import load_config, resolve_path
 
 MODES = ("slurm", "local", "debug")
 LOG_DIR = "submitit"
@@ -98,8 +106,6 @@ def check_with_slurm(script: str) -> str:
 # ------------------------------------------------------------------------------- executors
 def make_executor(mode: str, folder: str | Path, res: SlurmResources):
     """A submitit AutoExecutor for ``mode`` with ``res`` applied."""
-    import submitit
-
     if mode not in MODES:
         raise ValueError(f"mode {mode!r}: one of {', '.join(MODES)}")
     if mode == "slurm":
@@ -138,8 +144,6 @@ def run_jobs(ex, mode: str, calls: Sequence[tuple[Callable, tuple]]) -> list:
 
 
 def _python() -> str:
-    import shlex
-
     return shlex.quote(sys.executable)
 
 
@@ -154,8 +158,6 @@ def _load_train_config(config: str, overrides: Sequence[str]):
     A submitted run must be able to resume after a requeue, so ``resume=never`` (the default)
     becomes ``resume=auto``; the run directory of a new job is new, so its first start is fresh.
     """
-    from hpc.train.config import load_config, resolve_path
-
     cfg = load_config(config, overrides)  # ValueError names the file and key: exit 2, nothing queued
     overrides = list(overrides)
     if cfg.resume == "never":
@@ -177,8 +179,6 @@ def train_layout(cfg, mode: str, kind: str = "train") -> tuple[Path, str | None]
 
 def submit_train(config: str, overrides: Sequence[str], res: SlurmResources, mode: str = "slurm",
                  dry_run: bool = False) -> Submitted | str:
-    from hpc.launch.tasks import train_task
-
     cfg, config_path, overrides = _load_train_config(config, overrides)
     res.check()
     if res.name == "hpc":
@@ -201,37 +201,31 @@ def _concrete(path: Path, job) -> Path:
 
 
 # ------------------------------------------------------------------------------- infer
-def submit_infer(infer_args: Sequence[str], res: SlurmResources, out_dir: str, mode: str = "slurm",
-                 dry_run: bool = False, dependency: str | None = None) -> Submitted | str:
-    """``hpc infer INFER_ARGS`` as a job; logs go to ``OUT_DIR/submitit-%j``."""
-    from hpc.launch.tasks import cli_task
+def submit_infer(cfg: InferConfig, res: SlurmResources, mode: str = "slurm", dry_run: bool = False,
+                 dependency: str | None = None, nproc: int = 1) -> Submitted | str:
+    """The inference job ``cfg`` (``infer_task``); logs go to ``<output>.submitit-%j`` beside the output.
 
-    _validate_infer(infer_args)
+    ``nproc > 1``: a job of one task starts N local MPI ranks (``hpc infer --nproc``)."""
+    _validate_infer(cfg, nproc)
     res.check()
     if res.name == "hpc":
         res.name = "infer"
     res.dependency = dependency or res.dependency
-    folder = Path(out_dir).resolve().parent / f"{Path(out_dir).name}.{LOG_DIR}-%j"
+    out = Path(cfg.output).resolve()
+    folder = out.parent / f"{out.name}.{LOG_DIR}-%j"
     if dry_run:
         return render_sbatch(res, folder, _python())
     if mode == "slurm":
         check_with_slurm(render_sbatch(res, folder, _python()))
-    [job] = run_jobs(make_executor(mode, folder, res), mode, [(cli_task, (["infer", *infer_args],))])
-    return Submitted("infer", mode, [job], [Path(out_dir).resolve()], ["infer"])
+    [job] = run_jobs(make_executor(mode, folder, res), mode, [(infer_task, (cfg, nproc))])
+    return Submitted("infer", mode, [job], [out], ["infer"])
 
 
-def _validate_infer(infer_args: Sequence[str]) -> None:
-    """What `hpc infer` would refuse, refused now: its own argument checks, the model
+def _validate_infer(cfg: InferConfig, nproc: int = 1) -> None:
+    """What the job would refuse, refused now (``InferConfig`` checked its own values): the model
     references (resolved in the registry) and the input split."""
-    from hpc.cli import build_parser
-    from hpc.cli.infer import config_from_args
-    from hpc.registry import Registry
-
-    try:
-        args = build_parser().parse_args(["infer", *infer_args])
-    except SystemExit:  # argparse printed what is wrong; nothing may be queued
-        raise ValueError("the `hpc infer` arguments above are invalid (see `hpc infer --help`)") from None
-    cfg = config_from_args(args)
+    if nproc < 1:
+        raise ValueError(f"--nproc {nproc}: must be >= 1")
     reg = Registry(cfg.registry)
     for ref in cfg.refs:
         reg.resolve(ref)
@@ -253,10 +247,6 @@ def submit_function(fn: Callable, args: Sequence[Any], res: SlurmResources, fold
 def submit_sweep(config: str, overrides: Sequence[str], grid: Sequence[str], res: SlurmResources,
                  mode: str = "slurm", dry_run: bool = False) -> tuple[Submitted, Path] | str:
     """One job array, one member per grid point; writes ``sweep-<array id>/sweep.json``."""
-    from hpc.launch.sweep import expand_grid, point_overrides, write_sweep
-    from hpc.launch.tasks import train_task
-    from hpc.train.config import load_config
-
     points = expand_grid(grid)
     if any(k == "dist.backend" or k == "dist" for k in points[0]):
         raise ValueError("--grid dist.backend: all members of an array share one sbatch script (srun "
@@ -307,10 +297,6 @@ def submit_pipeline(config: str, overrides: Sequence[str], res: SlurmResources, 
                     infer_output: str, alias: str = "staging", infer_tasks: int | None = None,
                     dry_run: bool = False) -> Submitted | str:
     """train -> register -> infer as three Slurm jobs chained with afterok."""
-    from dataclasses import replace
-
-    from hpc.launch.tasks import cli_task, register_task, train_task
-
     cfg, config_path, overrides = _load_train_config(config, overrides)
     if cfg.registry is None or not cfg.registry.name:
         raise ValueError("hpc submit pipeline registers the trained model: set registry.name in the config "
@@ -319,8 +305,6 @@ def submit_pipeline(config: str, overrides: Sequence[str], res: SlurmResources, 
         raise ValueError(f"--infer-input {infer_input}: not a directory (a data directory made by `hpc data`)")
     reg = cfg.registry
     alias = reg.alias or alias
-    from hpc.registry import default_root
-
     reg_root = str(Path(reg.root or default_root()).resolve())
     # The register stage is its own job: the training job must not register too.
     train_overrides = [*overrides, "registry=null"]
@@ -334,9 +318,9 @@ def submit_pipeline(config: str, overrides: Sequence[str], res: SlurmResources, 
     infer_res = replace(res, nodes=1, tasks_per_node=infer_tasks or res.tasks_per_node, name=f"{res.name}-infer")
     out = Path(infer_output).resolve()
     infer_folder = out.parent / f"{out.name}.{LOG_DIR}-%j"
-    model = f"{reg.name}@{alias}"
-    infer_argv = ["infer", "--model", model, "--input", str(Path(infer_input).resolve()), "--output", str(out),
-                  "--registry", reg_root]
+    # Resolved when the stage runs, after the register stage has pointed the alias at the new version.
+    infer_cfg = InferConfig(model=f"{reg.name}@{alias}", input=str(Path(infer_input).resolve()), output=str(out),
+                            registry=reg_root)
     if dry_run:
         parts = [("train", res, run_dir / LOG_DIR), ("register", replace(small, dependency="afterok:<train>"), None),
                  ("infer", replace(infer_res, dependency="afterok:<register>"), infer_folder)]
@@ -351,6 +335,6 @@ def submit_pipeline(config: str, overrides: Sequence[str], res: SlurmResources, 
     [reg_job] = run_jobs(make_executor("slurm", concrete / LOG_DIR, small), "slurm",
                          [(register_task, (str(concrete), reg.name, alias, reg.source, reg_root))])
     infer_res.dependency = f"afterok:{reg_job.job_id}"
-    [infer_job] = run_jobs(make_executor("slurm", infer_folder, infer_res), "slurm", [(cli_task, (infer_argv,))])
+    [infer_job] = run_jobs(make_executor("slurm", infer_folder, infer_res), "slurm", [(infer_task, (infer_cfg,))])
     return Submitted("pipeline", "slurm", [train_job, reg_job, infer_job], [concrete, concrete, out],
                      ["train", "register", "infer"])

@@ -1,27 +1,38 @@
 """What runs inside a submitted job: module-level functions submitit pickles by reference.
 
-Every task runs once per Slurm task (rank). Train tasks pin ``run_id`` to the Slurm job id, the
-same name submitit gives the log folder (``%j``), so a requeued job finds its own checkpoints and
+Every task runs once per Slurm task (rank) and takes typed work (a config path and overrides, an
+``InferConfig``), never an ``hpc ...`` command line. Train tasks pin ``run_id`` to the Slurm job id,
+the same name submitit gives the log folder (``%j``), so a requeued job finds its own checkpoints and
 the run directory and the submitit logs stay together.
 """
 
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import Sequence
+
+from hpc import train
+from hpc.dist.spawn import launch_local
+from hpc.dist.world import World, world_from_env
+from hpc.infer.job import InferConfig
+from hpc.infer.job import run as run_infer
+from hpc.infer.output import MANIFEST
+from hpc.launch.requeue import hang_requeuer, requeue_after_preemption
+from hpc.registry import Registry
+from hpc.train.config import load_config
+from hpc.train.preempt import EXIT_PREEMPTED
+from hpc.train.rundir import run_logging
+from hpc.util.io import read_json
+from hpc.util.progress import progress_interval_s
 
 
-
-def job_run_id(env: Mapping[str, str] | None = None) -> str | None:
+def job_run_id(world: World | None = None) -> str | None:
     """``slurm-<job>`` or ``slurm-<array job>_<index>`` (submitit's ``%j``); None outside Slurm."""
-    env = os.environ if env is None else env
-    array_job, index = env.get("SLURM_ARRAY_JOB_ID"), env.get("SLURM_ARRAY_TASK_ID")
-    if array_job and index:
-        return f"slurm-{array_job}_{index}"
-    job = env.get("SLURM_JOB_ID")
-    return f"slurm-{job}" if job else None
+    w = world_from_env() if world is None else world
+    if w.slurm_array_job_id and w.slurm_array_task_id is not None:
+        return f"slurm-{w.slurm_array_job_id}_{w.slurm_array_task_id}"
+    return f"slurm-{w.slurm_job_id}" if w.slurm_job_id else None
 
 
 def with_run_id(overrides: Sequence[str], run_id: str | None) -> list[str]:
@@ -31,23 +42,34 @@ def with_run_id(overrides: Sequence[str], run_id: str | None) -> list[str]:
     return out
 
 
+def run_training(config, overrides: Sequence[str] = ()) -> dict:
+    """``hpc.train.run`` on this rank, plus what depends on how it was launched: under Slurm, rank 0
+    requeues the job when the run ends preempted (checkpointed), and the hang watchdog requeues it
+    first when ``monitor.on_hang=requeue``. What ``hpc train`` and the submitted train tasks run."""
+    world = world_from_env()
+    summary = train.run(config, overrides, on_hang=hang_requeuer(world))
+    if summary.get("state") == "preempted":
+        preemption = summary.get("preemption") or {}
+        preemption["requeue"] = (requeue_after_preemption(world, preemption.get("checkpoint_s"))
+                                 if world.is_main else "rank 0 handles the requeue")
+        # In the run's log (stderr and logs/rank-R.log), which the trainer has closed by now.
+        with run_logging(world.rank, summary.get("run_dir")) as log:
+            log.warning("preempted by %s at step %s: checkpoint written; %s", preemption.get("signal"),
+                        summary.get("step"), preemption["requeue"])
+        summary["preemption"] = preemption
+    return summary
+
+
 def train_task(config: str, overrides: Sequence[str], run_id: str | None = None, nproc: int = 1) -> dict:
     """Train on this rank (or, ``nproc > 1`` outside Slurm, on N local MPI ranks); the run summary."""
     overrides = with_run_id(overrides, run_id or job_run_id())
     if nproc > 1:
-        from hpc.dist.spawn import launch_local
-        from hpc.train.config import load_config
-        from hpc.util.io import read_json
-
         rc = launch_local(nproc, ["train", config, *overrides])
         cfg = load_config(config, overrides)
         if rc != 0:
             raise RuntimeError(f"hpc train on {nproc} local ranks exited {rc}")
         return read_json(Path(cfg.out_dir) / cfg.name / str(cfg.run_id) / "summary.json")
-    from hpc.train import run
-    from hpc.train.preempt import EXIT_PREEMPTED
-
-    summary = run(config, overrides)
+    summary = run_training(config, overrides)
     if isinstance(summary, dict) and summary.get("state") == "preempted":
         # Checkpointed (and requeued when allowed). A SystemExit makes submitit write no result,
         # so the client keeps waiting for the requeued run instead of reading this interim
@@ -60,20 +82,33 @@ def train_task(config: str, overrides: Sequence[str], run_id: str | None = None,
     return summary
 
 
-def cli_task(argv: Sequence[str]) -> int:
-    """Run ``hpc ARGV`` in this process; a non-zero exit fails the job with the command in the error."""
-    from hpc.cli import main
+def infer_argv(cfg: InferConfig) -> list[str]:
+    """The ``hpc infer`` arguments that run ``cfg``: what each rank runs when this process starts
+    the ranks itself (``launch_local``, ``srun``)."""
+    argv = ["infer", "--model", cfg.model, "--input", cfg.input, "--output", cfg.output,
+            "--format", cfg.format, "--batch-size", str(cfg.batch_size), "--top-k", str(cfg.top_k),
+            "--device", cfg.device]
+    for flag, value in (("--combine", cfg.combine), ("--registry", cfg.registry)):
+        if value is not None:
+            argv += [flag, value]
+    argv += [f for f, on in (("--allow-unpromoted", cfg.allow_unpromoted), ("--overwrite", cfg.overwrite)) if on]
+    return argv
 
-    rc = main(list(argv))
-    if rc != 0:
-        raise RuntimeError(f"`hpc {' '.join(argv)}` exited {rc}")
-    return rc
+
+def infer_task(cfg: InferConfig, nproc: int = 1) -> dict:
+    """Score ``cfg`` on this rank (or, ``nproc > 1`` outside an MPI/Slurm launch, on N local MPI
+    ranks); the rank's summary (rank 0's holds the output manifest). A failure fails the job."""
+    progress_interval_s()  # checked alike on every rank before starting: only rank 0 reports progress
+    if nproc > 1 and world_from_env().size == 1:
+        rc = launch_local(nproc, infer_argv(cfg))
+        if rc != 0:
+            raise RuntimeError(f"hpc infer on {nproc} local ranks exited {rc}")
+        return {"state": "done", "manifest": read_json(Path(cfg.output) / MANIFEST)}
+    return run_infer(cfg, progress=True)
 
 
 def register_task(run_dir: str, name: str, alias: str, source: str = "best", root: str | None = None) -> str:
     """Pipeline stage 2: register the trained run and point ``alias`` at it; returns NAME@VERSION."""
-    from hpc.registry import Registry
-
     reg = Registry(root)
     version = reg.add(run_dir, name, source=source)
     reg.promote(name, version, alias)

@@ -1,5 +1,5 @@
-"""Model families behind a name -> builder registry (see ``registry.py``); ``ops`` holds the
-layers with a CuPy fast path."""
+"""Model families behind a name -> builder registry (see ``families.py``); ``ops`` holds the
+layers with a CuPy fast path; ``combine`` combines member outputs into an ensemble's output."""
 
 from hpc.models.families import build_model, list_models, register_model, task_of
 

@@ -1,7 +1,7 @@
 """Combining member outputs into the ensemble's output (what batch inference writes).
 
 Inputs are the members' outputs as batch inference reports them for a single model
-(``hpc.registry.ensemble.probabilities``): class probabilities ``[B, C]`` for classification,
+(``hpc.registry.scorers.probabilities``): class probabilities ``[B, C]`` for classification,
 predictions ``[B]`` for ratings/regression. The combined output has the same meaning, so the
 writer cannot tell an ensemble from a single model: probabilities (rows sum to 1) or predictions.
 

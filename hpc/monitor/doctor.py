@@ -20,6 +20,9 @@ from importlib import metadata
 from pathlib import Path
 from typing import Callable
 
+from hpc.dist.spawn import MPIEXEC_HINT, find_mpiexec
+from hpc.dist.world import World, mpi_env_for_root, world_from_env
+
 VERDICTS = ("ok", "warn", "fail")
 SHARED_FS = ("nfs", "nfs4", "lustre", "gpfs", "beegfs", "cifs", "smb3", "ceph", "fuse.sshfs",
              "glusterfs", "panfs", "wekafs", "fuse.gcsfuse", "9p", "virtiofs")
@@ -158,12 +161,10 @@ def _gpus() -> list[str]:
     return []
 
 
-def launcher_command(cfg: DoctorConfig, env: dict) -> tuple[list[str] | None, str]:
+def launcher_command(cfg: DoctorConfig, world: World) -> tuple[list[str] | None, str]:
     """The launcher in use: srun inside a Slurm allocation with >= 2 tasks, else mpiexec."""
-    if env.get("SLURM_JOB_ID") and shutil.which("srun") and int(env.get("SLURM_NTASKS") or 1) >= cfg.mpi_ranks:
+    if world.under_slurm and shutil.which("srun") and (world.slurm_ntasks or 1) >= cfg.mpi_ranks:
         return ["srun", f"--ntasks={cfg.mpi_ranks}", "--mpi=pmix", "--overlap"], "srun (Slurm allocation)"
-    from hpc.dist.spawn import find_mpiexec
-
     exe = find_mpiexec()
     if exe is None:
         return None, "mpiexec"
@@ -173,13 +174,10 @@ def launcher_command(cfg: DoctorConfig, env: dict) -> tuple[list[str] | None, st
 def check_mpi(cfg: DoctorConfig) -> list[Row]:
     if not cfg.mpi:
         return [Row("mpi", "warn", "skipped (--no-mpi)")]
-    from hpc.dist.spawn import MPIEXEC_HINT
-    from hpc.dist.world import mpi_env_for_root
-
     env = dict(os.environ)
     env.update(mpi_env_for_root(env))
     env.setdefault("OMP_NUM_THREADS", "1")
-    cmd, name = launcher_command(cfg, env)
+    cmd, name = launcher_command(cfg, world_from_env(env))
     if cmd is None:
         return [Row("mpi", "fail", f"mpiexec not found next to {sys.executable} nor on PATH", MPIEXEC_HINT)]
     cmd += [sys.executable, "-m", "hpc.monitor.mpi_probe", str(cfg.mpi_mb)]
@@ -265,7 +263,7 @@ def signal_verdict(script: str, source: str) -> Row:
 
 
 def check_signal(cfg: DoctorConfig) -> list[Row]:
-    job = os.environ.get("SLURM_JOB_ID")
+    job = world_from_env().slurm_job_id
     if job and shutil.which("scontrol"):
         proc = subprocess.run(["scontrol", "write", "batch_script", job, "-"], capture_output=True, text=True,
                               timeout=30)

@@ -1,4 +1,5 @@
-"""Model cards: what ``model.json`` holds, built from a run directory; and building a model from one.
+"""Model cards: what ``model.json`` holds, built from a run directory or from member cards. Pure
+but for reading the run directory; building a model or scorer from a card is ``scorers.py``.
 
 The card is everything needed to rebuild and trust a model without its run directory: family and
 config (to call ``hpc.models.build_model``), the input schema and normalization statistics of the
@@ -8,12 +9,16 @@ lineage (run directory, data manifest sha256, code and package versions, Slurm j
 
 from __future__ import annotations
 
-from hpc.data.normalize import input_stats  # noqa: F401 - re-exported for callers of card
-
 from pathlib import Path
 from typing import Any
 
-from hpc.util.io import read_json, sha256_bytes
+import yaml
+from safetensors import safe_open
+
+from hpc.data.normalize import input_stats
+from hpc.models.combine import METHODS
+from hpc.registry.layout import CARD_FORMAT, WEIGHTS
+from hpc.util.io import read_json
 
 _REQUIRED = (("model", "family"), ("model", "config"), ("data", "schema"))
 
@@ -28,8 +33,6 @@ def _get(d: dict, path: tuple[str, ...]) -> Any:
 
 def card_from_run(run_dir: Path, source: str) -> tuple[dict, Path]:
     """Read ``run_dir/summary.json`` (+ config.yaml) into a card; return it with the weights path."""
-    from safetensors import safe_open
-
     if not run_dir.is_dir():
         raise ValueError(f"{run_dir}: run directory not found")
     summary_path = run_dir / "summary.json"
@@ -51,8 +54,6 @@ def card_from_run(run_dir: Path, source: str) -> tuple[dict, Path]:
     training_config = None
     cfg = run_dir / "config.yaml"
     if cfg.is_file():
-        import yaml
-
         training_config = yaml.safe_load(cfg.read_text(encoding="utf-8"))
     data = summary.get("data") or {}
     schema = data["schema"]
@@ -61,7 +62,7 @@ def card_from_run(run_dir: Path, source: str) -> tuple[dict, Path]:
     enabled = bool(((training_config or {}).get("data") or {}).get("normalize", True))
     stats = data.get("stats") or {}
     card = {
-        "card_format": 1,
+        "card_format": CARD_FORMAT,
         "kind": "model",
         "model": {"family": summary["model"]["family"], "config": summary["model"]["config"]},
         "task": schema.get("task"),
@@ -80,7 +81,7 @@ def card_from_run(run_dir: Path, source: str) -> tuple[dict, Path]:
         },
         "code_version": summary.get("code_version"),
         "versions": summary.get("versions") or {},
-        "weights": {"file": "model.safetensors", "tensors": tensors},
+        "weights": {"file": WEIGHTS, "tensors": tensors},
     }
     return card, weights
 
@@ -90,12 +91,10 @@ def ensemble_card(members: list[dict], method: str, weights: list[float] | None 
                   metrics: dict | None = None, lineage: dict | None = None) -> dict:
     """A card for an ensemble of already-verified member cards (same task and input schema).
 
-    ``card["ensemble"]`` is what ``hpc.ensemble.combine.Combiner.from_card`` reads (task, method,
+    ``card["ensemble"]`` is what ``hpc.models.combine.Combiner.from_card`` reads (task, method,
     weights, groups, meta-model config, member references); ``card["members"]`` pins each member
     to the sha256 of its model.json, so a member changed after registration is refused at load.
     """
-    from hpc.ensemble.combine import METHODS
-
     if method not in METHODS:
         raise ValueError(f"ensemble method {method!r} is not one of {', '.join(METHODS)}")
     if len(members) < 2:
@@ -115,7 +114,7 @@ def ensemble_card(members: list[dict], method: str, weights: list[float] | None 
         raise ValueError(f"{len(weights)} weights for {len(members)} members")
     refs = [f"{m['name']}@{m['version']}" for m in members]
     return {
-        "card_format": 1, "kind": "ensemble", "task": task, "schema": first["schema"],
+        "card_format": CARD_FORMAT, "kind": "ensemble", "task": task, "schema": first["schema"],
         "ensemble": {"task": task, "method": method, "weights": weights, "groups": groups,
                      "meta": meta, "members": refs},
         "members": [{"name": m["name"], "version": m["version"], "model_json_sha256": m["sha256"],
@@ -129,75 +128,6 @@ def ensemble_card(members: list[dict], method: str, weights: list[float] | None 
 def check_combine(task: str | None, method: str) -> None:
     if method == "vote" and task != "classification":
         raise ValueError(f"--combine vote needs classification models; these are {task} (use mean)")
-
-
-def read_verified(vdir: Path, fname: str) -> bytes:
-    """The bytes of one artifact file, hashed as read and compared with SHA256SUMS.
-
-    Hashing the very bytes we deserialize (not the file again later) means a swap between
-    ``verify`` and load cannot slip through; it costs one in-memory copy of the file while loading.
-    """
-    from hpc.registry.store import SUMS, IntegrityError, parse_sums
-
-    data = (vdir / fname).read_bytes()
-    want = parse_sums((vdir / SUMS).read_text(encoding="utf-8"), str(vdir / SUMS)).get(fname)
-    if want is None or sha256_bytes(data) != want:
-        raise IntegrityError(f"{vdir / fname}: changed (sha256 does not match {SUMS})")
-    return data
-
-
-def build_scorer(registry, card: dict, device: str = "cpu"):
-    """A verified card -> ``Single`` or ``Ensemble`` scorer (see hpc.registry.ensemble)."""
-    from safetensors.torch import load as load_safetensors
-
-    from hpc.ensemble.combine import Combiner
-    from hpc.registry.ensemble import Ensemble, Single
-    from hpc.registry.store import META, Ref
-
-    if card.get("kind") != "ensemble":
-        return Single(build_model_from_card(registry, card, device), card)
-    members = []
-    for m in card["members"]:
-        mcard = registry.card(Ref(m["name"], int(m["version"])))
-        if mcard["sha256"] != m["model_json_sha256"]:
-            raise ValueError(f"ensemble {card['name']}@{card['version']}: member "
-                             f"{m['name']}@{m['version']} model.json changed since registration")
-        members.append(build_scorer(registry, mcard, device))
-    vdir = registry.version_dir(Ref(card["name"], card["version"]))
-    meta_state = load_safetensors(read_verified(vdir, META)) if (card["ensemble"].get("meta")) else None
-    return Ensemble(members, Combiner.from_card(card, meta_state), card)  # combines on the CPU
-
-
-def build_model_from_card(registry, card: dict, device: str = "cpu"):
-    """The plain nn.Module (eval mode) of a verified single-model card."""
-    import torch
-    from safetensors.torch import load as load_safetensors
-
-    from hpc.models import build_model
-    from hpc.registry.store import WEIGHTS, Ref
-
-    vdir = registry.version_dir(Ref(card["name"], card["version"]))
-    state = load_safetensors(read_verified(vdir, WEIGHTS))
-    # A family registered by a plugin (training config `imports:`, e.g. hpc.ensemble.hierarchical)
-    # must be imported before it can be built. These are names of installed modules recorded in
-    # the verified card, never code stored in the artifact.
-    from hpc.models import list_models
-
-    if card["model"]["family"] not in list_models():
-        import importlib
-
-        for name in (card.get("training_config") or {}).get("imports") or []:
-            try:
-                importlib.import_module(name)
-            except ImportError as e:
-                raise ValueError(f"{vdir}: model family {card['model']['family']!r} needs module {name!r} "
-                                 f"(from the training config's imports), which cannot be imported: {e}") from None
-    model = build_model(card["model"]["family"], card["model"]["config"], card["schema"])
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    if missing or unexpected:
-        raise ValueError(f"{vdir / WEIGHTS}: weights do not fit {card['model']['family']} "
-                         f"(missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]})")
-    return model.to(torch.device(device)).eval()
 
 
 def flatten(obj: Any, prefix: str = "") -> dict[str, Any]:

@@ -1,4 +1,9 @@
-"""Scoring registered models on raw batches: each model's own normalization, then combination.
+"""Loading registered models and scoring them on raw batches: each model's own normalization,
+then combination.
+
+``build_model_from_card`` (the family's plain module, weights read verified) and ``build_scorer``
+(a ``Single`` or ``Ensemble`` scorer) turn a verified card into something to run; ``Registry.load``
+and ``Registry.load_scorer`` (``store.py``) call them after verifying the version.
 
 A *scorer* has ``prepare(raw_batch)`` (CPU: normalization with the training statistics stored in
 the model card, exactly the data layer's ``normalizer`` the trainer's reader applied) and
@@ -7,20 +12,25 @@ predictions for ratings/regression). Batch inference calls ``prepare`` in its pr
 normalization overlaps compute.
 
 - ``Single(model, card)``: one registered model.
-- ``Ensemble(members, combiner)``: scorers combined by ``hpc.ensemble.combine.Combiner``
+- ``Ensemble(members, combiner)``: scorers combined by ``hpc.models.combine.Combiner``
   (mean, vote, weighted, stacking); what ``Registry.load`` returns for an ensemble version and
   what ``hpc infer --model a@production,b@3 --combine mean|vote`` builds.
 """
 
 from __future__ import annotations
 
+import importlib
 import json
 from typing import Any
 
 import torch
+from safetensors.torch import load as load_safetensors
 from torch import nn
 
 from hpc.data.normalize import normalizer
+from hpc.models import build_model, list_models
+from hpc.models.combine import Combiner
+from hpc.registry.layout import META, WEIGHTS, Ref, read_verified
 
 
 def probabilities(task: str, out: torch.Tensor) -> torch.Tensor:
@@ -85,3 +95,41 @@ def move(prepared: Any, device: torch.device, non_blocking: bool = False) -> Any
     if isinstance(prepared, dict):
         return {k: move(v, device, non_blocking) for k, v in prepared.items()}
     return [move(v, device, non_blocking) for v in prepared]
+
+
+def build_scorer(registry, card: dict, device: str = "cpu") -> nn.Module:
+    """A verified card -> ``Single`` or ``Ensemble`` scorer; ``registry`` reads the member cards."""
+    if card.get("kind") != "ensemble":
+        return Single(build_model_from_card(registry, card, device), card)
+    members = []
+    for m in card["members"]:
+        mcard = registry.card(Ref(m["name"], int(m["version"])))
+        if mcard["sha256"] != m["model_json_sha256"]:
+            raise ValueError(f"ensemble {card['name']}@{card['version']}: member "
+                             f"{m['name']}@{m['version']} model.json changed since registration")
+        members.append(build_scorer(registry, mcard, device))
+    vdir = registry.version_dir(Ref(card["name"], card["version"]))
+    meta_state = load_safetensors(read_verified(vdir, META)) if (card["ensemble"].get("meta")) else None
+    return Ensemble(members, Combiner.from_card(card, meta_state), card)  # combines on the CPU
+
+
+def build_model_from_card(registry, card: dict, device: str = "cpu") -> nn.Module:
+    """The plain nn.Module (eval mode) of a verified single-model card."""
+    vdir = registry.version_dir(Ref(card["name"], card["version"]))
+    state = load_safetensors(read_verified(vdir, WEIGHTS))
+    # A family registered by a plugin (training config `imports:`, e.g. hpc.ensemble.hierarchical)
+    # must be imported before it can be built. These are names of installed modules recorded in
+    # the verified card, never code stored in the artifact.
+    if card["model"]["family"] not in list_models():
+        for name in (card.get("training_config") or {}).get("imports") or []:
+            try:
+                importlib.import_module(name)
+            except ImportError as e:
+                raise ValueError(f"{vdir}: model family {card['model']['family']!r} needs module {name!r} "
+                                 f"(from the training config's imports), which cannot be imported: {e}") from None
+    model = build_model(card["model"]["family"], card["model"]["config"], card["schema"])
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise ValueError(f"{vdir / WEIGHTS}: weights do not fit {card['model']['family']} "
+                         f"(missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]})")
+    return model.to(torch.device(device)).eval()

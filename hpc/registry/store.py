@@ -21,104 +21,24 @@ from __future__ import annotations
 import errno
 import json
 import os
-import re
 import shutil
 import socket
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from safetensors.torch import save as save_safetensors
+
+from hpc.dist.world import world_from_env
+from hpc.registry.card import card_from_run, ensemble_card
+from hpc.registry.layout import (ALIAS_RE, CARD, META, NAME_RE, SOURCES, SUMS, WEIGHTS, IntegrityError, Ref,
+                                 default_root, format_sums, parse_ref, read_verified, verify_dir)
+from hpc.registry.scorers import build_model_from_card, build_scorer
 from hpc.util.io import atomic_dir, atomic_write_json, fsync_dir, read_json, sha256_bytes, sha256_file
 from hpc.util.versions import code_version, user, versions
 
-CARD = "model.json"
-WEIGHTS = "model.safetensors"
-META = "meta.safetensors"  # a stacking ensemble's meta-model
-SUMS = "SHA256SUMS"
-CARD_FORMAT = 1
-SOURCES = ("best", "last")
-_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
-_ALIAS_RE = re.compile(r"[A-Za-z][A-Za-z0-9._-]{0,63}")
 # A version that lost the rename race this many times in a row means something else is wrong.
 _MAX_RENAME_TRIES = 1000
-
-
-class IntegrityError(ValueError):
-    """An artifact on disk does not match its checksums (a user-visible refusal, exit 2)."""
-
-
-def default_root() -> Path:
-    return Path(os.environ.get("HPC_REGISTRY") or "registry")
-
-
-@dataclass(frozen=True)
-class Ref:
-    name: str
-    version: int
-
-
-def parse_ref(ref: str) -> tuple[str, str | None]:
-    """``"NAME@ALIAS"``, ``"NAME@3"`` or ``"NAME"`` -> (name, selector or None). Pure."""
-    name, _, sel = ref.strip().partition("@")
-    if not _NAME_RE.fullmatch(name):
-        raise ValueError(f"model reference {ref!r}: name {name!r} must match {_NAME_RE.pattern} "
-                         "(use NAME@ALIAS or NAME@VERSION)")
-    if _ and not sel:
-        raise ValueError(f"model reference {ref!r}: nothing after '@' (use NAME@ALIAS or NAME@VERSION)")
-    return name, (sel or None)
-
-
-def parse_sums(text: str, where: str) -> dict[str, str]:
-    """Parse `sha256sum` output (``HEX  FILE`` per line) into {file: hex}. Pure."""
-    out: dict[str, str] = {}
-    for i, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        m = re.fullmatch(r"([0-9a-f]{64}) [ *](.+)", line)
-        if not m or "/" in m.group(2) or m.group(2) in (".", ".."):
-            raise IntegrityError(f"{where}: line {i} is not 'SHA256  FILE': {line[:80]!r}")
-        out[m.group(2)] = m.group(1)
-    return out
-
-
-def format_sums(sums: dict[str, str]) -> str:
-    return "".join(f"{h}  {f}\n" for f, h in sorted(sums.items()))
-
-
-def verify_dir(vdir: Path) -> list[str]:
-    """Every problem of one version directory, each naming its file (empty list: intact).
-
-    Symlinks are refused outright (a link could point the checksum at one file and the loader at
-    another); any file not listed in SHA256SUMS is an 'extra file' (a planted pickle is refused
-    here before anything reads it).
-    """
-    if vdir.is_symlink():
-        return [f"{vdir}: is a symlink (refused)"]
-    sums_path = vdir / SUMS
-    if sums_path.is_symlink():
-        return [f"{sums_path}: is a symlink (refused)"]
-    if not sums_path.is_file():
-        return [f"{sums_path}: missing"]
-    listed = parse_sums(sums_path.read_text(encoding="utf-8", errors="replace"), str(sums_path))
-    problems = []
-    present = set()
-    for entry in sorted(os.scandir(vdir), key=lambda e: e.name):
-        if entry.name == SUMS:
-            continue
-        present.add(entry.name)
-        if entry.is_symlink():
-            problems.append(f"{vdir / entry.name}: is a symlink (refused)")
-        elif not entry.is_file():
-            problems.append(f"{vdir / entry.name}: extra entry (not a regular file, not in {SUMS})")
-        elif entry.name not in listed:
-            problems.append(f"{vdir / entry.name}: extra file (not in {SUMS})")
-        elif sha256_file(entry.path) != listed[entry.name]:
-            problems.append(f"{vdir / entry.name}: changed (sha256 does not match {SUMS})")
-    for name in sorted(set(listed) - present):
-        problems.append(f"{vdir / name}: missing (listed in {SUMS})")
-    return problems
-
 
 # A staging directory older than this was left by a registration that crashed (a live one renames
 # its staging directory within the time it takes to copy the weights).
@@ -143,14 +63,14 @@ class Registry:
 
     # ---------------------------------------------------------------- paths and lookups
     def _name_dir(self, name: str) -> Path:
-        if not _NAME_RE.fullmatch(name):
-            raise ValueError(f"model name {name!r} must match {_NAME_RE.pattern}")
+        if not NAME_RE.fullmatch(name):
+            raise ValueError(f"model name {name!r} must match {NAME_RE.pattern}")
         return self.root / name
 
     def names(self) -> list[str]:
         if not self.root.is_dir():
             return []
-        return sorted(p.name for p in self.root.iterdir() if p.is_dir() and _NAME_RE.fullmatch(p.name)
+        return sorted(p.name for p in self.root.iterdir() if p.is_dir() and NAME_RE.fullmatch(p.name)
                       and not p.name.startswith("."))
 
     def versions(self, name: str) -> list[int]:
@@ -207,8 +127,6 @@ class Registry:
     def card(self, ref: str | Ref, verified: bool = True) -> dict:
         """The model card (model.json) of a version, with ``name`` and ``version`` filled in."""
         r = self.verify(ref) if verified else (self.resolve(ref) if isinstance(ref, str) else ref)
-        from hpc.registry.card import read_verified
-
         vdir = self.version_dir(r)
         data = read_verified(vdir, CARD) if verified else (vdir / CARD).read_bytes()
         try:
@@ -240,8 +158,6 @@ class Registry:
     # ---------------------------------------------------------------- writing
     def add(self, run_dir: str | os.PathLike, name: str, source: str = "best") -> int:
         """Register ``run_dir/models/<source>.safetensors`` with its card; return the new version."""
-        from hpc.registry.card import card_from_run
-
         if source not in SOURCES:
             raise ValueError(f"source {source!r} is not one of {', '.join(SOURCES)}")
         self._name_dir(name)
@@ -253,13 +169,9 @@ class Registry:
                      meta: Any = None, metrics: dict | None = None, lineage: dict | None = None) -> int:
         """Register an ensemble of member references, pinned to their current verified versions.
 
-        ``method``: mean | vote | weighted | stacking (``hpc.ensemble.combine``); ``meta`` is the
-        stacking meta-model (``hpc.ensemble.combine.MetaModel``), stored as meta.safetensors.
+        ``method``: mean | vote | weighted | stacking (``hpc.models.combine``); ``meta`` is the
+        stacking meta-model (``hpc.models.combine.MetaModel``), stored as meta.safetensors.
         """
-        from safetensors.torch import save as save_safetensors
-
-        from hpc.registry.card import ensemble_card
-
         self._name_dir(name)
         cards = [self.card(m) for m in members]
         files: dict[str, Path | bytes] = {}
@@ -274,7 +186,7 @@ class Registry:
     def _publish(self, name: str, card: dict, files: dict[str, Path | bytes]) -> int:
         card = dict(card, registered={
             "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "user": user(), "host": socket.gethostname(),
-            "slurm_job_id": os.environ.get("SLURM_JOB_ID"), "code_version": code_version(),
+            "slurm_job_id": world_from_env().slurm_job_id, "code_version": code_version(),
             "versions": versions()})
         ndir = self._name_dir(name)
         ndir.mkdir(parents=True, exist_ok=True)
@@ -307,14 +219,14 @@ class Registry:
 
     def promote(self, name: str, version: int | str, alias: str) -> int | None:
         """Point ``alias`` at ``version`` (verified first); return the previous version or None."""
-        if not _ALIAS_RE.fullmatch(alias) or alias == "latest":
-            raise ValueError(f"alias {alias!r} must match {_ALIAS_RE.pattern}, not be all digits "
+        if not ALIAS_RE.fullmatch(alias) or alias == "latest":
+            raise ValueError(f"alias {alias!r} must match {ALIAS_RE.pattern}, not be all digits "
                              "and not be 'latest' (e.g. production, staging)")
         r = self.verify(f"{name}@{int(version)}" if str(version).isdigit() else f"{name}@{version}")
         previous = self.aliases(name).get(alias)
         entry = {"alias": alias, "version": r.version, "previous": previous,
                  "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "user": user(),
-                 "host": socket.gethostname(), "slurm_job_id": os.environ.get("SLURM_JOB_ID")}
+                 "host": socket.gethostname(), "slurm_job_id": world_from_env().slurm_job_id}
         ndir = self._name_dir(name)
         atomic_write_json(ndir / "aliases" / f"{alias}.json", entry)
         # O_APPEND writes of one short line land whole and in order on local filesystems (and
@@ -346,12 +258,10 @@ class Registry:
         """Verify, then build from safetensors + JSON only: ``(nn.Module in eval mode, card)``.
 
         A single model comes back as the family's plain module (normalized inputs, raw outputs);
-        an ensemble as ``hpc.registry.ensemble.Ensemble`` (raw batches through ``prepare``).
+        an ensemble as ``hpc.registry.scorers.Ensemble`` (raw batches through ``prepare``).
         Only versions an alias points to load unless ``allow_unpromoted``; an ensemble's members
         are pinned versions (they need no alias) and must still match their recorded model.json.
         """
-        from hpc.registry.card import build_model_from_card, build_scorer
-
         card = self._loadable_card(ref, allow_unpromoted)
         if card.get("kind") == "ensemble":
             return build_scorer(self, card, device), card
@@ -359,7 +269,5 @@ class Registry:
 
     def load_scorer(self, ref: str, allow_unpromoted: bool = False, device: str = "cpu") -> tuple[Any, dict]:
         """Like ``load`` but always a scorer (``Single`` or ``Ensemble``): what batch inference runs."""
-        from hpc.registry.card import build_scorer
-
         card = self._loadable_card(ref, allow_unpromoted)
         return build_scorer(self, card, device), card

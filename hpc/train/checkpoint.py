@@ -31,6 +31,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from hpc.train.config import AllRanksError
 from hpc.util.io import atomic_dir, atomic_path, atomic_write_json, atomic_write_text, read_json, sha256_file
 
 log = logging.getLogger("hpc.train")
@@ -229,8 +230,6 @@ class Checkpoints:
         if choice is None:
             return None
         if "error" in choice:
-            from hpc.train.config import AllRanksError
-
             raise AllRanksError(choice["error"])
         return Path(choice["path"])
 

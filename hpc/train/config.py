@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import importlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,7 +40,7 @@ class DataConfig:
     remainder: Literal["drop", "pad"] = "drop"   # training; evaluation always pads (zero weight)
     # Ensemble members (docs/ensembles.md): per-row weights / targets of the TRAINING split, as
     # functions of the row id, so they hold on any number of ranks and across resume.
-    sample_weights: dict | None = None  # {kind: bootstrap|holdout|file, ...} (hpc.ensemble.hooks)
+    sample_weights: dict | None = None  # {kind: bootstrap|holdout|file, ...} (hpc.data.rowhooks)
     targets_from: str | None = None     # .npy of per-row targets (boosting on residuals)
 
     def check(self, where: str) -> None:
@@ -49,12 +50,12 @@ class DataConfig:
         require(self.prefetch >= 0, f"{where}.prefetch", "must be >= 0")
         require(self.shuffle_buffer_mb > 0, f"{where}.shuffle_buffer_mb", "must be > 0")
         if self.sample_weights is not None:
-            from hpc.ensemble.hooks import KINDS
+            from hpc.data.rowhooks import KINDS  # not at the top: hpc.data imports torch, as below
 
             require(isinstance(self.sample_weights, dict) and self.sample_weights.get("kind") in KINDS,
                     f"{where}.sample_weights", f"must be a mapping with kind one of {', '.join(KINDS)}")
         if self.augment is not None:
-            from hpc.data.augment import Augment
+            from hpc.data.augment import Augment  # not at the top: torch, 1.7 s on every `hpc` command
 
             try:
                 Augment.parse(self.augment)
@@ -70,7 +71,7 @@ class ModelSection:
     config: Any = field(default_factory=dict)
 
     def check(self, where: str) -> None:
-        from hpc.models.families import list_models, model_config
+        from hpc.models.families import list_models, model_config  # not at the top: torch, as above
 
         require(bool(self.family), f"{where}.family", f"is required; one of {', '.join(list_models())}")
         typed = model_config(self.family, self.config, f"{where}.config")
@@ -302,8 +303,6 @@ def load_config(source: str | Path | dict | TrainConfig, overrides=()) -> TrainC
 
 
 def _import_plugins(modules, where: str) -> None:
-    import importlib
-
     if not isinstance(modules, list):
         raise ValueError(f"{where}: config.imports must be a list of module names")
     for m in modules:

@@ -8,6 +8,10 @@ from pathlib import Path
 
 import numpy as np
 
+from hpc.data import StreamingReader, load_manifest
+from hpc.data.normalize import input_stats
+from hpc.data.rowhooks import apply_targets, targets_fn, weight_fn
+from hpc.train.checks import per_rank_batch
 from hpc.train.config import TrainConfig
 
 TARGET = {"classification": "y", "regression": "y", "ratings": "rating"}
@@ -24,8 +28,6 @@ class TargetsReader:
         return getattr(self._reader, name)
 
     def __iter__(self):
-        from hpc.ensemble.hooks import apply_targets
-
         for batch in self._reader:
             yield apply_targets(batch, self._fn, self._field)
 
@@ -41,32 +43,23 @@ class Data:
 
 
 def load_data(cfg: TrainConfig, rank: int, world_size: int) -> Data:
-    from hpc.data import StreamingReader, load_manifest
-
     d = cfg.data
     root = Path(d.dir)
-    if d.batch_size % world_size:
-        raise ValueError(f"data.batch_size={d.batch_size} (the global batch) is not divisible by the "
-                         f"{world_size} ranks; choose a multiple of {world_size}")
+    per_rank = per_rank_batch(d.batch_size, world_size)
     manifest = load_manifest(root / "train")
     schema = manifest.schema()
     mean = (manifest.stats.get("rating") or {}).get("mean")
     if mean is not None:
         schema["rating_mean"] = float(np.mean(mean))
-    per_rank = d.batch_size // world_size
     eval_per_rank = max(1, (d.eval_batch_size or d.batch_size) // world_size)
     common = dict(rank=rank, world_size=world_size, seed=cfg.seed, normalize=d.normalize,
                   prefetch=d.prefetch, shuffle_buffer_mb=d.shuffle_buffer_mb)
     hook = {}
     if d.sample_weights is not None:
-        from hpc.ensemble.hooks import weight_fn
-
         hook["weight_fn"] = weight_fn(d.sample_weights, manifest.total_samples)
     train = StreamingReader(root / "train", batch_size=per_rank, shuffle=d.shuffle,
                             remainder=d.remainder, augment=d.augment, **hook, **common)
     if d.targets_from:
-        from hpc.ensemble.hooks import targets_fn
-
         train = TargetsReader(train, targets_fn(d.targets_from, manifest.total_samples),
                                TARGET[manifest.task])
         if "rating_mean" in schema:
@@ -77,8 +70,6 @@ def load_data(cfg: TrainConfig, rank: int, world_size: int) -> Data:
                          f"{cfg.train.grad_accum}; lower data.batch_size")
     # Evaluation normalizes with the *training* split's statistics, exactly as the registered
     # model does at inference; a split's own statistics would shift its inputs slightly.
-    from hpc.data.normalize import input_stats
-
     eval_common = dict(common, normalize=input_stats(schema, manifest.stats) if d.normalize else False)
     splits = {}
     for split in ("val", "test"):

@@ -66,7 +66,11 @@ class MetricSums:
     def reduce(self, comm) -> dict[str, float]:
         parts = [self.sums] + ([self.pos, self.neg] if self.auc else [])
         flat = torch.cat(parts)
-        comm.allreduce_(flat)
+        dev = getattr(comm, "device", None)
+        if dev is None or dev.type == "cpu":
+            comm.allreduce_(flat)
+        else:  # the sums live on the CPU; a backend that reduces device tensors (NCCL) gets a copy
+            flat = comm.allreduce_(flat.to(dev)).cpu()
         sums = flat[:5]
         n = float(sums[0])
         out: dict[str, float] = {"samples": n}

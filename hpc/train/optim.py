@@ -12,6 +12,7 @@ import math
 import torch
 from torch import nn
 
+from hpc.models import ops
 from hpc.train.config import OptimConfig
 
 
@@ -55,8 +56,6 @@ def param_groups(model: nn.Module, cfg: OptimConfig) -> list[dict]:
 def build_optimizer(model: nn.Module, cfg: OptimConfig, world_size: int = 1) -> torch.optim.Optimizer:
     lr = base_lr(cfg, world_size)
     if cfg.fused:
-        from hpc.models import ops
-
         params = [p for p in model.parameters() if p.requires_grad]
         kernels = None if cfg.fused is True else cfg.fused
         try:

@@ -1,7 +1,8 @@
 """Preemption: SIGUSR2 (Slurm's warning before the time limit, as submitit uses) and SIGTERM
 (preemption/scancel) only set a flag. The trainer all-reduces the flag at step boundaries (inside
-the per-step scalar all-reduce it does anyway, so it costs nothing extra), every rank checkpoints,
-rank 0 asks Slurm to requeue the job, and all ranks exit with status ``EXIT_PREEMPTED``.
+the per-step scalar all-reduce it does anyway, so it costs nothing extra), every rank checkpoints
+and the run ends with state ``preempted``; the launch layer (``hpc.launch.tasks.run_training``)
+then has rank 0 ask Slurm to requeue the job, and all ranks exit with status ``EXIT_PREEMPTED``.
 
 Doing the work in the handler instead would run collectives from inside arbitrary code (maybe a
 half-finished all-reduce) on one rank only: deadlock. The flag is the whole interface.
@@ -43,20 +44,3 @@ class PreemptFlag:
         for sig, prev in self._previous.items():
             signal.signal(sig, prev)
         self._previous.clear()
-
-
-def requeue(world, checkpoint_s: float | None = None) -> str:
-    """Ask Slurm to requeue this job (rank 0 only); returns what happened, for the log line."""
-    if not world.under_slurm:
-        return "not under Slurm: not requeued (rerun with resume=auto to continue)"
-    try:
-        from hpc.launch.requeue import requeue_current_job
-    except ImportError:
-        return "hpc.launch.requeue is not available: not requeued (resubmit with resume=auto)"
-    try:
-        done = requeue_current_job(world, checkpoint_s=checkpoint_s)
-    except Exception as e:  # a failed requeue must not lose the checkpoint we just wrote
-        return f"requeue of Slurm job {world.slurm_job_id} failed: {e}"
-    if not done:
-        return f"Slurm job {world.slurm_job_id} not requeued (see the hpc.launch line above)"
-    return f"requeued Slurm job {world.slurm_job_id}"

@@ -7,6 +7,7 @@ it, so every rank agrees even when the id is a timestamp.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -14,7 +15,7 @@ import sys
 import time
 from pathlib import Path
 
-from hpc.train.config import TrainConfig
+from hpc.train.config import AllRanksError, TrainConfig
 from hpc.util.io import atomic_write_text, read_json
 
 log = logging.getLogger("hpc.train")
@@ -68,6 +69,23 @@ def resolve_run_dir(cfg: TrainConfig, world) -> tuple[Path, Path | None]:
     return (runs[0] if runs else base / default_run_id(world)).resolve(), None
 
 
+def agree_run_dir(cfg: TrainConfig, comm) -> tuple[Path, Path | None]:
+    """Collective: rank 0 resolves the run directory and every rank gets the same answer (or
+    the same error, so all of them stop alike)."""
+    where = None
+    if comm.rank == 0:
+        try:
+            run_dir, explicit = resolve_run_dir(cfg, comm.world)
+            where = (str(run_dir), explicit and str(explicit))
+        except ValueError as e:
+            where = str(e)
+    where = comm.broadcast_object(where)
+    if isinstance(where, str):
+        raise AllRanksError(where)
+    run_dir, explicit = where
+    return Path(run_dir), Path(explicit) if explicit else None
+
+
 class _RankFormatter(logging.Formatter):
     def __init__(self, rank: int):
         super().__init__(f"%(asctime)s rank {rank} %(levelname)s %(message)s", "%H:%M:%S")
@@ -91,6 +109,23 @@ def setup_logging(rank: int, run_dir: Path | None) -> list[logging.Handler]:
         h.setFormatter(_RankFormatter(rank))
         log.addHandler(h)
     return handlers
+
+
+def close_logging(handlers: list[logging.Handler]) -> None:
+    for h in handlers:
+        log.removeHandler(h)
+        h.close()
+
+
+@contextlib.contextmanager
+def run_logging(rank: int, run_dir: str | Path | None):
+    """The run's log (stderr and ``logs/rank-R.log``) reopened after the trainer closed it: for
+    what the launch layer says about a finished run (e.g. the requeue after a preemption)."""
+    handlers = setup_logging(rank, Path(run_dir) if run_dir else None)
+    try:
+        yield log
+    finally:
+        close_logging(handlers)
 
 
 class MetricsLog:

@@ -1,31 +1,62 @@
-"""Set up the world and the communicator around one ``Trainer``, and fail loudly on any rank."""
+"""One run on this rank: the world, the communicator and the run directory around one ``Trainer``;
+then the summary (``summary.json``), the registration, and a loud failure on any rank.
+
+What comes after a preemption (a Slurm requeue) is the launcher's business, not this module's:
+``hpc.launch.tasks.run_training`` wraps ``run``.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import sys
+import time
 import traceback
+from pathlib import Path
+from typing import Callable
 
-from hpc.train.config import AllRanksError, TrainConfig, load_config
+import torch
+
+from hpc.data import load_manifest
+from hpc.dist.backends import init_comm
+from hpc.dist.world import world_from_env
+from hpc.models import ops
+from hpc.models.families import build_model, task_of
+from hpc.registry import Registry, default_root
+from hpc.train.checks import check_precision, per_rank_batch
+from hpc.train.config import AllRanksError, TrainConfig, dump_yaml, load_config
+from hpc.train.inputs import Data
+from hpc.train.metrics import samples_per_s
+from hpc.train.rundir import agree_run_dir, close_logging, setup_logging
+from hpc.train.state import Outcome
+from hpc.train.trainer import Trainer
+from hpc.util.io import atomic_write_json, atomic_write_text
+from hpc.util.versions import code_version, versions
 
 log = logging.getLogger("hpc.train")
 
 
-def run(config, overrides=(), data=None) -> dict:
+def run(config, overrides=(), data: Data | None = None,
+        on_hang: Callable[[object], None] | None = None) -> dict:
     cfg = config if isinstance(config, TrainConfig) and not overrides else load_config(config, overrides)
-    from hpc.dist.comm import init_comm
-    from hpc.dist.world import world_from_env
-
     world = world_from_env()
     if data is None:
         preflight(cfg, world.size)  # user errors: ValueError on every rank alike, before any collective
     comm = init_comm(cfg.dist.backend, world, timeout_s=cfg.dist.timeout_s)
-    trainer = None
+    trainer, handlers = None, []
     try:
-        from hpc.train.trainer import Trainer
-
-        trainer = Trainer(cfg, comm, data)
-        return trainer.fit()
+        started = time.time()
+        run_dir, resume_from = agree_run_dir(cfg, comm)
+        handlers = setup_logging(comm.rank, run_dir)
+        if comm.rank == 0:
+            (run_dir / "models").mkdir(parents=True, exist_ok=True)
+            atomic_write_text(run_dir / "config.yaml", dump_yaml(cfg))
+        trainer = Trainer(cfg, comm, run_dir, resume_from, data, on_hang=on_hang, started=started)
+        outcome = trainer.fit()
+        summary = summarize(trainer, outcome)
+        if comm.rank == 0:
+            publish(trainer, summary)
+        return summary
     except BaseException as e:
         if comm.size > 1 and not isinstance(e, (SystemExit, AllRanksError)):
             # The other ranks are (or soon will be) blocked in a collective: abort the whole job,
@@ -33,7 +64,7 @@ def run(config, overrides=(), data=None) -> dict:
             msg = (f"hpc train: rank {comm.rank}/{comm.size} on {world.hostname} failed: "
                    f"{type(e).__name__}: {e}; aborting all ranks")
             tb = traceback.format_exc()
-            with _suppress():
+            with contextlib.suppress(Exception):
                 log.error("%s\n%s", msg, tb)
             sys.stderr.write(tb + msg + "\n")
             sys.stderr.flush()
@@ -42,23 +73,14 @@ def run(config, overrides=(), data=None) -> dict:
     finally:
         if trainer is not None:
             trainer.close()
+        close_logging(handlers)
         comm.close()
 
 
 def preflight(cfg: TrainConfig, world_size: int) -> None:
     """Check what would otherwise fail after the ranks started: the data and the model's fit to it."""
-    from pathlib import Path
-
-    from hpc.data import load_manifest
-    from hpc.models.families import build_model, task_of
-
-    import torch
-
-    if cfg.train.precision == "fp16" and not torch.cuda.is_available():
-        raise ValueError("train.precision=fp16 needs a CUDA GPU; use bf16 or fp32 on CPU")
-    if cfg.data.batch_size % world_size:
-        raise ValueError(f"data.batch_size={cfg.data.batch_size} (the global batch) is not divisible by "
-                         f"{world_size} ranks; use a multiple of {world_size}")
+    check_precision(cfg.train.precision, cuda=torch.cuda.is_available())
+    per_rank_batch(cfg.data.batch_size, world_size)
     manifest = load_manifest(Path(cfg.data.dir) / "train")
     task = task_of(cfg.model.family)
     if manifest.task != task:
@@ -67,9 +89,53 @@ def preflight(cfg: TrainConfig, world_size: int) -> None:
     build_model(cfg.model.family, cfg.model.config, manifest.schema())
 
 
-class _suppress:
-    def __enter__(self):
-        return self
+def summarize(t: Trainer, outcome: Outcome) -> dict:
+    """The run summary (``summary.json``; docs/DESIGN.md "Run directory") from the trainer's end state."""
+    cfg, s, w = t.cfg, t.state, t.comm.world
+    step_t = max(t.timers["step"], 1e-9)
+    summary = {
+        "state": outcome.state, "reason": outcome.reason, "run_dir": str(t.run_dir), "name": cfg.name,
+        "model": {"family": t.family, "task": t.task, "config": cfg.model.config,
+                  "parameters": sum(p.numel() for p in t.model.parameters())},
+        "data": t.data.info, "metrics": {"val": s.best.get("metrics") or {}, "test": outcome.test},
+        "best": {"step": s.best["step"], "monitor": cfg.train.monitor, "value": s.best["value"]},
+        "step": s.step, "epoch": s.epoch, "total_steps": t.total_steps,
+        "world_size": t.world, "backend": t.comm.backend, "device": str(t.device),
+        "kernels": ops.kernels_in_use(t.device),
+        "optimizer": {"name": cfg.optim.name, "fused": cfg.optim.fused,
+                      "step": getattr(t.opt, "kernel_path", "torch.optim")},
+        "precision": cfg.train.precision,
+        "samples_per_s": samples_per_s(t.timers["samples"], t.timers["step"]),
+        "time_fractions": {"data_wait": t.timers["data"] / step_t, "comm_wait": t.timers["comm"] / step_t},
+        "wall_s": time.time() - t.t_start, "config_hash": cfg.hash(),
+        "versions": versions(), "code_version": code_version(),
+        "slurm": {"job_id": w.slurm_job_id, "array_task_id": w.slurm_array_task_id,
+                  "restart_count": w.slurm_restart_count},
+    }
+    if outcome.state == "preempted":
+        # What a launcher needs to requeue: which signal, and how long the checkpoint took
+        # (compared with Slurm's warning lead time).
+        summary["preemption"] = {"signal": outcome.signal, "checkpoint_s": t.last_ckpt_s}
+    return summary
 
-    def __exit__(self, *exc):
-        return True
+
+def publish(t: Trainer, summary: dict) -> None:
+    """Rank 0: write ``summary.json``, register a completed run (``registry:``), end the sinks."""
+    atomic_write_json(t.run_dir / "summary.json", summary)
+    if summary["state"] == "completed" and t.cfg.registry is not None:
+        summary["registry"] = register(t.cfg, t.run_dir)
+        atomic_write_json(t.run_dir / "summary.json", summary)
+    t.metrics_log.close(summary)  # TensorBoard/MLflow: the final state, then drained
+    reason = summary["reason"]
+    log.info("run %s at step %d%s; summary: %s", summary["state"], summary["step"],
+             f" ({reason})" if reason else "", t.run_dir / "summary.json")
+
+
+def register(cfg: TrainConfig, run_dir: Path) -> dict:
+    r = cfg.registry
+    reg = Registry(r.root or default_root())
+    version = reg.add(run_dir, r.name, source=r.source)
+    if r.alias:
+        reg.promote(r.name, version, r.alias)
+    log.info("registered %s version %s%s", r.name, version, f" as @{r.alias}" if r.alias else "")
+    return {"name": r.name, "version": version, "alias": r.alias}

@@ -118,6 +118,7 @@ class MLflowSink:
             # MLflow 3.x refuses its file store unless this is set ("maintenance mode", sqlite:/// is
             # its recommendation); a user who wrote a file: URI asked for exactly that store.
             os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
+        # mlflow is the optional extra [mlflow]: imported only by a run that asks for this sink.
         from mlflow.entities import Param, RunTag
         from mlflow.tracking import MlflowClient
 

@@ -26,6 +26,9 @@ if [ "$(id -u)" = 0 ] && ! command -v chromium >/dev/null 2>&1 && command -v apt
     || log "could not install chromium: the report's browser check will skip (and fail under CI=true)"
 fi
 
+log "checking the import layers (lint-imports: contracts in pyproject.toml, docs/DESIGN.md)"
+lint-imports --no-cache
+
 log "running the test suite"
 set +e
 python -m pytest -q "$@"

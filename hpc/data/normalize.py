@@ -1,8 +1,9 @@
 """Preprocessing statistics: one streaming pass in float64, applied on the fly by readers.
 
 Statistics are per feature for 1-D samples and per channel (axis 0 of the sample) for images, so
-flips and crops keep them valid. Batches are merged with Chan et al.'s pairwise update (mean and
-sum of squared deviations), which stays accurate where sum/sum-of-squares in float32 would not.
+flips and crops keep them valid. Blocks are merged with Chan et al.'s pairwise update (mean and
+sum of squared deviations, in float64 whatever the stored dtype: uint8 images and their float32
+copy get the same statistics), which stays accurate where sum/sum-of-squares in float32 would not.
 """
 
 from __future__ import annotations
@@ -10,6 +11,11 @@ from __future__ import annotations
 from typing import Mapping
 
 import numpy as np
+
+from hpc.data.manifest import INPUT_FIELDS
+
+
+BLOCK_VALUES = 1 << 21  # values per float64 block of a statistics update (16 MB)
 
 
 def _per(shape: tuple[int, ...]) -> str:
@@ -28,18 +34,26 @@ class RunningStats:
         self.m2 = np.zeros(width, np.float64)
 
     def update(self, batch: np.ndarray) -> None:
+        """Add rows of any stored numeric dtype (uint8 ... float64). Deviations are taken in float64
+        over blocks of about ``BLOCK_VALUES`` values (bounded memory), so the statistics are exact to
+        float64 rounding whatever the stored dtype, and the same values stored as uint8 or float32
+        give bit-identical statistics."""
         b = np.asarray(batch)
         if b.shape[0] == 0:
             return
-        # View as [rows, width, inner]; reduce over rows and inner. Sums accumulate in float64;
-        # the deviations themselves are taken in the data's precision (no float64 copy of a chunk).
-        x = b.reshape(b.shape[0], 1, -1) if self.per == "feature" and not self.shape else (
-            b.reshape(b.shape[0], self.shape[0], -1) if self.per == "channel" else b.reshape(b.shape[0], -1, 1))
+        width = 1 if not self.shape else self.shape[0]
+        # View as [rows, width, inner]; reduce over rows and inner.
+        x = b.reshape(b.shape[0], width, -1) if self.per == "channel" or not self.shape else b.reshape(b.shape[0], -1, 1)
+        step = max(1, BLOCK_VALUES // max(1, x.shape[1] * x.shape[2]))
+        for a in range(0, x.shape[0], step):
+            self._merge(x[a:a + step].astype(np.float64))
+
+    def _merge(self, x: np.ndarray) -> None:
+        """Chan et al.'s pairwise update with one block ``[rows, width, inner]`` (float64)."""
         n = x.shape[0] * x.shape[2]
-        mean = x.sum(axis=(0, 2), dtype=np.float64) / n
-        dev = x - mean.astype(x.dtype if x.dtype.kind == "f" else np.float64)[None, :, None]
-        m2 = np.einsum("rwi,rwi->w", dev, dev, dtype=np.float64) if dev.dtype == np.float64 else \
-            np.square(dev).sum(axis=(0, 2), dtype=np.float64)
+        mean = x.sum(axis=(0, 2)) / n
+        x -= mean[None, :, None]
+        m2 = np.einsum("rwi,rwi->w", x, x)
         total = self.count + n
         delta = mean - self.mean
         self.mean = self.mean + delta * (n / total)
@@ -106,8 +120,6 @@ def input_stats(schema: dict, stats: dict) -> dict:
     per-field statistics. The reader (``normalize=True``), the trainer's val/test readers (which
     use the *training* split's statistics) and the registry (which records them) all call this.
     """
-    from hpc.data.manifest import INPUT_FIELDS
-
     fields = schema.get("fields", {})
     return {k: v for k, v in stats.items() if k in INPUT_FIELDS.get(schema.get("task"), ())
             and k in fields and np.dtype(fields[k]["dtype"]).kind == "f"}

@@ -19,6 +19,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from hpc.util.versions import user
+
 CACHE_ENV = "HPC_KERNEL_CACHE_DIR"
 _HERE = Path(__file__).resolve().parent
 _lock = threading.RLock()  # function() holds it while cupy() may take it again
@@ -39,8 +41,6 @@ CTYPES = {
 
 def cache_dir() -> Path:
     """The kernel cache directory (created, checked writable); ValueError naming the variable if not."""
-    from hpc.util.versions import user
-
     explicit = os.environ.get(CACHE_ENV) or os.environ.get("CUPY_CACHE_DIR")
     if explicit:
         path, source = Path(explicit), (CACHE_ENV if os.environ.get(CACHE_ENV) else "CUPY_CACHE_DIR")

@@ -22,6 +22,7 @@ from typing import Callable
 
 from hpc.dist.spawn import MPIEXEC_HINT, find_mpiexec
 from hpc.dist.world import World, mpi_env_for_root, world_from_env
+from hpc.launch.sbatch import SlurmResources, render_sbatch
 
 VERDICTS = ("ok", "warn", "fail")
 SHARED_FS = ("nfs", "nfs4", "lustre", "gpfs", "beegfs", "cifs", "smb3", "ceph", "fuse.sshfs",
@@ -270,7 +271,6 @@ def check_signal(cfg: DoctorConfig) -> list[Row]:
         if proc.returncode == 0:
             return [signal_verdict(proc.stdout, f"job {job}")]
     try:
-        from hpc.launch.sbatch import SlurmResources, render_sbatch
         script = render_sbatch(SlurmResources(), tempfile.gettempdir(), sys.executable)
     except Exception as e:  # noqa: BLE001 - report, do not crash the doctor
         return [Row("warning signal", "warn", f"cannot render the `hpc submit` script: {e}")]

@@ -17,8 +17,9 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from hpc.monitor import rundata as R
 from hpc.instrument.heartbeat import PHASES, hist_edges
+from hpc.monitor import rundata as R
+from hpc.util.io import atomic_write_text, read_json
 
 COLORS = {"data": "#4c78a8", "compute": "#54a24b", "comm": "#e45756", "checkpoint": "#b279a2",
           "eval": "#f58518", "idle": "#bab0ac", "redone": "#9d755d", "productive": "#54a24b",
@@ -77,7 +78,6 @@ class Page:
         self.parts.append(f'<img src="{html.escape(name)}" alt="{html.escape(alt)}">')
 
     def write(self) -> Path:
-        from hpc.util.io import atomic_write_text
         doc = (f"<!doctype html><html><head><meta charset=utf-8><title>hpc report</title><style>{CSS}</style>"
                f"</head><body>{''.join(self.parts)}</body></html>\n")
         path = self.out / "report.html"
@@ -416,7 +416,6 @@ def make_report(target: str | os.PathLike, out: str | os.PathLike | None = None)
         return page.write(), page.images
     params: dict[Path, dict] = {}
     if (target / "sweep.json").is_file():  # `hpc submit sweep`: members' run dirs live elsewhere
-        from hpc.util.io import read_json
         members = read_json(target / "sweep.json").get("members") or []
         runs = [Path(m["run_dir"]) for m in members if m.get("run_dir") and R.is_run_dir(Path(m["run_dir"]))]
         params = {Path(m["run_dir"]): m.get("params") or {} for m in members if m.get("run_dir")}

@@ -18,7 +18,10 @@ from pathlib import Path
 from typing import Any
 
 from hpc.instrument.heartbeat import heartbeat_path, read_heartbeats
+from hpc.launch.jobs import lookup
+from hpc.launch.slurm import SlurmError, run
 from hpc.monitor.rundata import phase_totals, run_samples_per_s
+from hpc.train.config import load_config, resolve_path
 from hpc.util.io import read_json
 from hpc.util.progress import format_duration
 
@@ -338,8 +341,6 @@ def newest_run(base: Path) -> Path | None:
 
 def runs_of_config(spec: str, overrides: list[str] | tuple = ()) -> Path:
     """``<out_dir>/<name>`` of a config (a path, or the name of a shipped config) with overrides."""
-    from hpc.train.config import load_config, resolve_path
-
     cfg = load_config(resolve_path(spec), list(overrides))
     return Path(cfg.out_dir) / cfg.name
 
@@ -352,9 +353,8 @@ def find_run_for_job(job_id: str, roots: list[Path]) -> Path:
     heartbeats or summary.json name the job.
     """
     try:
-        from hpc.launch.jobs import lookup
         rec = lookup(job_id)
-    except (ImportError, ValueError):
+    except ValueError:
         rec = None
     if rec and rec.get("run_dir") and Path(rec["run_dir"]).is_dir():
         return Path(rec["run_dir"])
@@ -381,10 +381,6 @@ def find_run_for_job(job_id: str, roots: list[Path]) -> Path:
 
 
 def _squeue_workdir(job_id: str) -> Path | None:
-    try:
-        from hpc.launch.slurm import SlurmError, run
-    except ImportError:
-        return None
     try:
         out = run(["squeue", "-h", "-j", str(job_id), "-o", "%Z"], timeout=20, check=False).stdout.strip()
     except (SlurmError, OSError):

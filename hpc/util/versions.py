@@ -10,6 +10,8 @@ import sys
 from importlib import metadata
 from pathlib import Path
 
+from hpc import __version__
+
 _PACKAGES = ("torch", "numpy", "h5py", "mpi4py", "safetensors", "pyarrow", "submitit", "cupy")
 
 
@@ -24,8 +26,6 @@ def versions() -> dict[str, str]:
 
 
 def _hpc_version() -> str:
-    from hpc import __version__
-
     return __version__
 
 

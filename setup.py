@@ -47,6 +47,9 @@ setup(
         # without the UI/server (116 MB vs 825 MB); SQLAlchemy + Alembic for sqlite: tracking URIs.
         "tensorboard": ["tensorboard>=2.14"],
         "mlflow": ["mlflow-skinny>=2.10", "sqlalchemy>=2.0", "alembic>=1.12"],
+        # `hpc registry export`: ONNX files (torch.onnx.export needs onnxscript), onnxruntime to check
+        # the exported graph against the registry scorer and to quantize to int8.
+        "export": ["onnx>=1.23", "onnxruntime>=1.32", "onnxscript>=0.7"],
         "test": [
             "pytest>=7",
             "pytest-timeout>=2.1",
@@ -59,6 +62,10 @@ setup(
             "mlflow-skinny>=2.10",
             "sqlalchemy>=2.0",
             "alembic>=1.12",
+            # the exported graphs are run back in onnxruntime
+            "onnx>=1.23",
+            "onnxruntime>=1.32",
+            "onnxscript>=0.7",
             # lint-imports: the layering contracts in pyproject.toml, checked by scripts/test.sh
             "import-linter>=2.0",
         ],

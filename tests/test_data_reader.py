@@ -195,7 +195,7 @@ def test_missing_truncated_misschema_fail_at_open(split, tmp_path):
     d3 = _copy(split, tmp_path / "c")
     text = (d3 / "manifest.json").read_text().replace('"shape": [\n        3\n      ]', '"shape": [\n        5\n      ]')
     (d3 / "manifest.json").write_text(text)
-    with pytest.raises(ValueError, match=r"shard-00000\.h5: field 'x' is float32\[3\], manifest says float32\[5\]"):
+    with pytest.raises(ValueError, match=r"shard-00000\.h5:/x is float32\[3\], manifest says float32\[5\] \(field 'x'\)"):
         small(d3)
 
 

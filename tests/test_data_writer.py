@@ -121,10 +121,11 @@ def test_npz_bad_rows_drop_and_error(tmp_path):
     np.save(tmp_path / "y.npy", y)
     m2 = shard_source(str(tmp_path / "feats.npy"), tmp_path / "npy", split="all=1", seed=0, config=WriterConfig())
     assert m2["all"].total_samples == 18 and read_all(tmp_path / "npy" / "all")["x"].tobytes() == d["x"].tobytes()
-    with pytest.raises(ValueError, match=r"2 row\(s\) with NaN/Inf \(source rows \[3, 7\]"):
+    with pytest.raises(ValueError, match=r"d\.npz:x: 2 row\(s\) with NaN/Inf among source rows 0\.\.19 "
+                       r"\(first: row 3 \[1\] = nan, row 7 \[0\] = inf\)"):
         shard_source(str(tmp_path / "d.npz"), tmp_path / "err", split="all=1", seed=0,
                      config=WriterConfig(on_bad_rows="error"))
-    assert not (tmp_path / "err" / "all" / "manifest.json").exists()
+    assert not (tmp_path / "err").exists()  # nothing written, not even the directories
 
 
 def test_csv_source_streams_with_label_column(tmp_path):

@@ -257,6 +257,8 @@ def test_scheduled_run_scores_then_moves_latest(tmp_path, monkeypatch):
 
     monkeypatch.setattr(tasks, "infer_task", fake_infer_task)
     monkeypatch.setenv("SLURM_JOB_ID", "4242")
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "manifest.json").write_text("{}")  # a split: scored whole at every run
     root = tmp_path / "scored"
     dest = schedule.run_scheduled("n", "digits@production", str(tmp_path / "in"), str(root), registry="/reg")
     assert dest.name.endswith("-4242") and os.readlink(root / "latest") == dest.name

@@ -5,8 +5,11 @@ same page-cache state): (a) raw sequential ``read_direct`` of whole shard datase
 (b) ``StreamingReader`` (rank 0 of 1, shuffled, prefetch threads, no normalization/augmentation),
 and the same with ``direct_io=False`` (every read through HDF5) for reference;
 (c) a map-style torch Dataset reading one sample per ``__getitem__`` through h5py, under a
-DataLoader (handles opened per worker). Then, in child processes, peak RSS while streaming a
-synthetic image data set of each ``--rss-gb`` size (generated chunk by chunk, then deleted).
+DataLoader (handles opened per worker). (d) Compact dtypes: the first ``--compact-samples`` images of
+the data as uint8 shards and as float32 shards of the same values (quantized from the data when it
+is not uint8 already), each read by the reader with normalization (uint8: 4x fewer bytes read,
+converted to float32 per batch). Then, in child processes, peak RSS while streaming a synthetic
+image data set of each ``--rss-gb`` size (generated chunk by chunk, then deleted).
 """
 
 from __future__ import annotations
@@ -41,6 +44,9 @@ def register(sub) -> None:
     p.add_argument("--rss-gb", default="1,10", help="sizes (GB) of the synthetic sets streamed for peak RSS; "
                    "'' to skip")
     p.add_argument("--rss-dir", default=None, help="where to generate them (default: a temp dir in /tmp)")
+    p.add_argument("--compact-samples", type=int, default=20000,
+                   help="images copied to uint8 and float32 shard sets (in --rss-dir) for the compact-dtype "
+                        "rows; 0 to skip")
     p.set_defaults(func=run)
 
 
@@ -70,10 +76,10 @@ def _raw(m, bufs: dict) -> tuple[int, int, float]:
     return n, nbytes, time.perf_counter() - t0
 
 
-def _reader(split: Path, batch_size: int, direct_io: bool = True) -> tuple[int, float]:
+def _reader(split: Path, batch_size: int, direct_io: bool = True, normalize: bool = False) -> tuple[int, float]:
     from hpc.data import StreamingReader
 
-    r = StreamingReader(split, 0, 1, batch_size, seed=0, normalize=False, remainder="pad", direct_io=direct_io)
+    r = StreamingReader(split, 0, 1, batch_size, seed=0, normalize=normalize, remainder="pad", direct_io=direct_io)
     t0, n = time.perf_counter(), 0
     for b in r:
         n += int(b["weight"].count_nonzero())
@@ -156,6 +162,59 @@ def _rss(gb: float, where: str | None, batch_size: int) -> dict:
         shutil.rmtree(root, ignore_errors=True)
 
 
+def _compact_sets(m, root: Path, samples: int) -> dict[str, Path]:
+    """The first ``samples`` rows of ``m`` as two shard sets holding the same values: x as uint8
+    (quantized, 128 + 32 sigma, from the data's statistics unless already uint8) and as float32."""
+    from hpc.data import FieldSpec, ShardWriter
+    from hpc.data.normalize import input_stats, normalizer
+    from hpc.data.reader import iter_shard
+
+    norm = normalizer(input_stats(m.schema(), m.stats), {k: s.shape for k, s in m.fields.items()})
+    ytype = m.schema()["fields"]["y"]["dtype"]
+    writers = {d: ShardWriter(root / d, m.task, {"x": FieldSpec(d, m.fields["x"].shape), "y": FieldSpec(ytype, ())},
+                              source="bench") for d in ("uint8", "float32")}
+    left = samples
+    for s in range(len(m.shards)):
+        for b in iter_shard(m, s, 4096, normalize=False):
+            x = b["x"].numpy()[:left]
+            if m.fields["x"].dtype != "uint8":
+                x = np.clip(np.rint(128 + 32 * norm("x", x)), 0, 255)
+            for w in writers.values():
+                w.add({"x": x, "y": b["y"].numpy()[:left]})
+            left -= len(x)
+            if left <= 0:
+                break
+        if left <= 0:
+            break
+    for w in writers.values():
+        w.close({"source": f"bench loader: {m.path}"})
+    return {d: root / d for d in writers}
+
+
+def _compact(m, args) -> dict | None:
+    """Reader samples/s on uint8 vs float32 shards of the same images (normalized, as a trainer reads)."""
+    if args.compact_samples <= 0 or m.task == "ratings" or not m.fields["x"].shape:
+        return None
+    root = Path(tempfile.mkdtemp(prefix="hpc-compact-", dir=args.rss_dir))
+    try:
+        sets = _compact_sets(m, root, args.compact_samples)
+        best = {d: float("inf") for d in sets}
+        for d, split in sets.items():
+            n, _ = _reader(split, args.batch_size, normalize=True)  # warm-up: page cache, pools
+        for _ in range(args.repeat):  # interleaved, best of each
+            for d, split in sets.items():
+                n, t = _reader(split, args.batch_size, normalize=True)
+                best[d] = min(best[d], t)
+        per = {d: int(np.prod(m.fields["x"].shape, dtype=np.int64)) * np.dtype(d).itemsize for d in sets}
+        out = {d: {"samples": n, "seconds": best[d], "samples_per_s": n / best[d],
+                   "x_bytes_per_sample": per[d], "mb_per_s": n * per[d] / best[d] / 1e6,
+                   "bytes": sum(f.stat().st_size for f in sets[d].iterdir())} for d in sets}
+        out["uint8_vs_float32"] = out["uint8"]["samples_per_s"] / out["float32"]["samples_per_s"]
+        return out
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
 def run(args) -> int:
     from hpc.data import load_manifest
 
@@ -196,6 +255,16 @@ def run(args) -> int:
          f"batch {args.batch_size}); reader/raw = {result['reader_vs_raw']:.2f}, "
          f"reader/naive = {result['reader_vs_naive']:.1f}",
          ["loader", "samples", "seconds", "samples/s", "MB/s", "vs raw"], rows, result, None)
+    compact = _compact(m, args)
+    if compact is not None:
+        result["compact"] = compact
+        emit(f"compact dtypes: the same {compact['uint8']['samples']} images stored as uint8 and as float32, "
+             f"read with normalization; uint8/float32 = {compact['uint8_vs_float32']:.2f}",
+             ["stored x", "x bytes/sample", "samples", "seconds", "samples/s", "x MB/s read", "vs float32"],
+             [[d, compact[d]["x_bytes_per_sample"], compact[d]["samples"], compact[d]["seconds"],
+               compact[d]["samples_per_s"], compact[d]["mb_per_s"],
+               compact[d]["samples_per_s"] / compact["float32"]["samples_per_s"]] for d in ("float32", "uint8")],
+             result, None)
     sizes = [float(s) for s in args.rss_gb.split(",") if s.strip()]
     if sizes:
         rss = [_rss(gb, args.rss_dir, args.batch_size) for gb in sizes]

@@ -1,4 +1,5 @@
-"""`hpc infer`: score a sharded data split with registered model(s), exactly once (docs/infer.md)."""
+"""`hpc infer`: score a sharded data split or tables (CSV/Parquet) with registered model(s), exactly
+once (docs/infer.md)."""
 
 from __future__ import annotations
 
@@ -9,8 +10,8 @@ from hpc.util.progress import progress_interval_s
 
 
 def register(sub) -> None:
-    p = sub.add_parser("infer", help="batch inference: registered model(s) x data shards -> "
-                       "one partition per shard, _MANIFEST.json, _SUCCESS")
+    p = sub.add_parser("infer", help="batch inference: registered model(s) x data shards or tables -> "
+                       "one partition per shard or file, _MANIFEST.json, _SUCCESS")
     add_infer_arguments(p)
     p.set_defaults(func=run)
 
@@ -18,7 +19,10 @@ def register(sub) -> None:
 def add_infer_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, metavar="REF",
                    help="NAME@ALIAS or NAME@VERSION; comma-separated for an ensemble (a@production,b@3)")
-    p.add_argument("--input", required=True, metavar="DATA_DIR", help="a split directory (with manifest.json)")
+    p.add_argument("--input", required=True, metavar="INPUT",
+                   help="a split directory (with manifest.json), or a table: a .csv/.parquet file or a "
+                        "directory of them (read with the model's recorded table transform; one output "
+                        "partition per file)")
     p.add_argument("--output", required=True, metavar="OUT_DIR")
     p.add_argument("--format", default="parquet", choices=("parquet", "hdf5", "csv"))
     p.add_argument("--batch-size", type=int, default=1024)
@@ -65,9 +69,11 @@ def run(args) -> int:
     progress_interval_s()  # here, where every rank checks it alike: only rank 0 reports progress
     if args.nproc < 1:
         raise ValueError(f"--nproc {args.nproc}: must be >= 1")
+    from hpc.infer.job import preflight, run as run_job
+
     if args.nproc > 1 and world_from_env().size == 1:
+        preflight(cfg)  # bad input: exit 2 here, before any rank starts
         return launch_local(args.nproc, infer_argv(cfg))  # each rank: the same job, without --nproc
-    from hpc.infer.job import run as run_job
 
     run_job(cfg, progress=True)
     return 0

@@ -1,9 +1,10 @@
-"""`hpc registry add|promote|list|show|verify|diff`: the model registry (see docs/registry.md)."""
+"""`hpc registry add|promote|list|show|verify|diff|export`: the model registry (see docs/registry.md)."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import sys
 
 from hpc.util.table import format_table
 
@@ -13,7 +14,7 @@ def register(sub) -> None:
     common.add_argument("--registry", metavar="DIR", default=None,
                         help="registry root (default: $HPC_REGISTRY or ./registry)")
     p = sub.add_parser("registry", help="versioned, verified model artifacts: add, promote, list, "
-                       "show, verify, diff")
+                       "show, verify, diff, export")
     rsub = p.add_subparsers(dest="registry_cmd", metavar="ACTION")
     a = rsub.add_parser("add", parents=[common], help="register a run's model (or an ensemble)")
     a.add_argument("run_dir", nargs="?", help="run directory written by `hpc train`")
@@ -45,6 +46,22 @@ def register(sub) -> None:
     di.add_argument("a")
     di.add_argument("b")
     di.set_defaults(func=_diff)
+    ex = rsub.add_parser("export", parents=[common], help="one self-contained graph (ONNX, TorchScript, "
+                         "torch.export) with the normalization inside, verified against the registry")
+    ex.add_argument("ref", help="NAME@ALIAS or NAME@VERSION (a single model or an ensemble)")
+    ex.add_argument("--format", default="onnx", choices=("onnx", "torchscript", "pt2"))
+    ex.add_argument("--out", required=True, metavar="DIR", help="the export directory (must not exist)")
+    ex.add_argument("--quantize", choices=("int8",), default=None,
+                    help="also write model.int8.onnx (onnx only), if its test accuracy holds (--max-drop)")
+    ex.add_argument("--max-drop", type=float, default=1.0, metavar="PP",
+                    help="int8: largest accuracy drop in percentage points (RMSE: percent increase) "
+                    "that is still written (default 1)")
+    ex.add_argument("--opset", type=int, default=None, metavar="N", help="ONNX opset (default: the exporter's)")
+    ex.add_argument("--data", metavar="DIR", default=None, help="data directory with train/ val/ test/ "
+                    "(default: the one in the model card)")
+    ex.add_argument("--allow-unpromoted", action="store_true", help="accept a version no alias points to")
+    ex.add_argument("--overwrite", action="store_true", help="replace an earlier export in --out")
+    ex.set_defaults(func=_export)
     p.set_defaults(func=lambda args: (p.print_help(), 2)[1])
 
 
@@ -200,4 +217,16 @@ def _diff(args) -> int:
 
     print(format_table(["key", f"{a['name']}@{a['version']}", f"{b['name']}@{b['version']}"],
                        [[k, cell(va), cell(vb)] for k, va, vb in rows]))
+    return 0
+
+
+def _export(args) -> int:
+    from hpc.registry.export import ExportError, export
+
+    try:
+        export(_reg(args), args.ref, args.out, args.format, args.quantize, args.opset, args.max_drop,
+               args.data, args.allow_unpromoted, args.overwrite)
+    except ExportError as e:  # the graph does not match, or int8 lost too much: nothing written
+        print(f"hpc registry export: FAILED: {e}", file=sys.stderr)
+        return 1
     return 0

@@ -6,12 +6,17 @@ from __future__ import annotations
 def register(sub) -> None:
     p = sub.add_parser("schedule", help="batch scoring on a cron cadence (Slurm scrontab)")
     ssub = p.add_subparsers(dest="what", metavar="WHAT")
-    i = ssub.add_parser("infer", help="score INPUT with MODEL on a schedule into OUTPUT/<run>/ and OUTPUT/latest")
+    i = ssub.add_parser("infer", help="score the new drops of a landing zone (or a whole split) with MODEL "
+                                      "on a schedule")
     i.add_argument("--cron", required=True,
                    help="5-field cron expression as scrontab takes it, e.g. '0 2 * * *' (daily at 02:00), "
                         "'*/15 * * * 1-5', or @hourly|@daily|@midnight|@weekly|@monthly|@yearly|@annually")
     i.add_argument("--model", required=True, help="NAME@ALIAS (re-resolved at every run) or NAME@VERSION")
-    i.add_argument("--input", required=True)
+    i.add_argument("--input", required=True, metavar="DIR",
+                   help="a landing zone: each run scores only the Parquet/CSV files and shard-set directories "
+                        "(with manifest.json) not scored yet or changed, one output each under ROOT/scored/, "
+                        "listed in ROOT/_INDEX.json; or a split (manifest.json) or file, re-scored whole into "
+                        "ROOT/<run>/ with ROOT/latest pointing at the newest complete run")
     i.add_argument("--output", required=True, metavar="ROOT")
     i.add_argument("--name", default=None, help="schedule name (default: the model name)")
     i.add_argument("--registry", default=None, metavar="DIR",
@@ -35,7 +40,7 @@ def register(sub) -> None:
 
 def _infer(args) -> int:
     from hpc.launch.sbatch import SlurmResources
-    from hpc.launch.schedule import Schedule, describe_cron, install, now, run_now
+    from hpc.launch.schedule import Schedule, describe_cron, describe_input, install, now, run_now
 
     res = SlurmResources(tasks_per_node=args.tasks_per_node, time=args.time, partition=args.partition,
                          account=args.account, qos=args.qos, mem=args.mem)
@@ -43,6 +48,7 @@ def _infer(args) -> int:
     s = Schedule(name=name, cron=args.cron, model=args.model, input=args.input, output=args.output, res=res,
                  registry=args.registry).check()
     print(install(s))
+    print(f"each run: {describe_input(s)}")
     print(f"schedule {s.name!r}: {describe_cron(s.cron, now())}")
     if args.run_now:
         print(f"submitted one run now: job {run_now(s)} (logs in {s.output}/.logs/)")

@@ -23,6 +23,8 @@ FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
 TASKS = ("classification", "ratings", "regression")
 # Fields each task must have (name -> numpy dtype kind): the models and the trainer rely on them.
+# A float field ("f": features, float targets) may be *stored* compactly (FLOAT_STORAGE); readers
+# always yield it as float32, converted after the (compact) read.
 TASK_FIELDS = {
     "classification": {"x": "f", "y": "i"},
     "regression": {"x": "f", "y": "f"},
@@ -30,15 +32,57 @@ TASK_FIELDS = {
 }
 # Fields fed to the model (normalized when asked); the others are targets.
 INPUT_FIELDS = {"classification": ("x",), "regression": ("x",), "ratings": ("user", "item")}
+# Stored dtypes of a float field. bfloat16 has no HDF5 or numpy type: it is stored as its uint16 bit
+# pattern, with ``encoding: bfloat16`` in the field's spec (and an ``encoding`` attribute on the dataset).
+COMPACT_DTYPES = ("uint8", "int8", "uint16", "int16", "float16")
+FLOAT_STORAGE = COMPACT_DTYPES + ("float32", "float64")
+ENCODINGS = {"bfloat16": "uint16"}  # encoding -> the dtype its bits are stored as
 
 
 @dataclass(frozen=True)
 class FieldSpec:
-    dtype: str                 # numpy dtype name, e.g. "float32", "int64"
+    dtype: str                 # numpy dtype name as stored on disk, e.g. "float32", "uint8", "int64"
     shape: tuple[int, ...]     # per-sample shape, () for scalars
+    encoding: str | None = None  # "bfloat16": the uint16 values are bfloat16 bit patterns
 
     def to_json(self) -> dict:
-        return {"dtype": self.dtype, "shape": list(self.shape)}
+        out = {"dtype": self.dtype, "shape": list(self.shape)}
+        if self.encoding:
+            out["encoding"] = self.encoding
+        return out
+
+    @property
+    def stored(self) -> str:
+        """What the bytes hold: the dtype, or the encoding (``bfloat16``)."""
+        return self.encoding or self.dtype
+
+
+def float_storage_problem(spec: FieldSpec) -> str | None:
+    """Why ``spec`` cannot hold a float field (features, float targets), or None if it can."""
+    if spec.encoding is not None:
+        if ENCODINGS.get(spec.encoding) != spec.dtype:
+            return (f"encoding {spec.encoding!r} on dtype {spec.dtype} is not one hpc reads "
+                    f"(valid: {', '.join(f'{e} stored as {d}' for e, d in ENCODINGS.items())})")
+        return None
+    if spec.dtype in FLOAT_STORAGE:
+        return None
+    why = " (its integers are not all exact in float32, which readers yield)" if _kind(spec.dtype) in "iu" else ""
+    return (f"dtype {spec.dtype} is not a feature dtype hpc reads{why}; valid are "
+            f"{', '.join(FLOAT_STORAGE)} (and bfloat16 written by `hpc data shard --store-dtype bfloat16`)")
+
+
+def float_fields(task: str, fields: dict[str, FieldSpec]) -> tuple[str, ...]:
+    """Fields yielded as float32 whatever their stored dtype: the task's float fields (features,
+    float targets, even when stored as uint8/int16/...) and any other float field."""
+    of_task = {k for k, kind in TASK_FIELDS.get(task, {}).items() if kind == "f"} | {"x"}  # x: features
+    return tuple(k for k, v in fields.items() if k in of_task or v.encoding is not None or _kind(v.dtype) == "f")
+
+
+def _kind(dtype: str) -> str:
+    try:
+        return np.dtype(dtype).kind
+    except TypeError:
+        return "?"
 
 
 @dataclass(frozen=True)
@@ -55,7 +99,7 @@ class ShardInfo:
 
 @dataclass
 class Manifest:
-    task: str
+    task: str | None           # None: an unlabeled split (features and ids only; `hpc infer` scores it)
     fields: dict[str, FieldSpec]
     shards: list[ShardInfo]
     class_counts: list[int] | None = None
@@ -65,12 +109,15 @@ class Manifest:
     stats: dict[str, dict] = field(default_factory=dict)   # field -> {mean, std, count, per}
     bad_rows: dict[str, Any] = field(default_factory=dict)  # {policy, dropped}
     provenance: dict[str, Any] = field(default_factory=dict)
+    table: dict | None = None  # the fitted table transform (hpc.data.tabular) of a CSV/Parquet source
     format_version: int = FORMAT_VERSION
     path: Path | None = None   # the split directory it was loaded from
     sha256: str | None = None  # of the manifest file's bytes
 
     def __post_init__(self) -> None:
         where = self.path / MANIFEST_NAME if self.path else "manifest"
+        if self.task is None:  # unlabeled: no target field to check
+            return
         if self.task not in TASKS:
             raise ValueError(f"{where}: task {self.task!r} is not one of {', '.join(TASKS)}")
         for name, kind in TASK_FIELDS[self.task].items():
@@ -78,9 +125,11 @@ class Manifest:
             if spec is None:
                 raise ValueError(f"{where}: task {self.task} needs field {name!r}; fields are "
                                  f"{sorted(self.fields)}")
-            if np.dtype(spec.dtype).kind not in (kind, "u" if kind == "i" else kind):
-                raise ValueError(f"{where}: field {name!r} has dtype {spec.dtype}; task {self.task} "
-                                 f"needs a {'float' if kind == 'f' else 'integer'} dtype")
+            problem = float_storage_problem(spec) if kind == "f" else (
+                None if _kind(spec.dtype) in "iu" and spec.encoding is None
+                else f"dtype {spec.stored}; task {self.task} needs an integer dtype")
+            if problem:
+                raise ValueError(f"{where}: field {name!r}: {problem}")
 
     @property
     def total_samples(self) -> int:
@@ -91,24 +140,39 @@ class Manifest:
         return [s.samples for s in self.shards]
 
     @property
+    def labeled(self) -> bool:
+        return self.task is not None
+
+    @property
     def input_fields(self) -> tuple[str, ...]:
+        if self.task is None:
+            return tuple(k for k in ("x", "user", "item") if k in self.fields)
         return INPUT_FIELDS[self.task]
 
     def shard_path(self, i: int) -> Path:
         p = Path(self.shards[i].file)
         return p if p.is_absolute() or self.path is None else self.path / p
 
-    def schema(self) -> dict:
-        """JSON-able input schema: what the registry stores and batch inference compares against."""
-        def yielded(dtype: str) -> str:  # what readers yield: ints as int64, floats as float32
-            kind = np.dtype(dtype).kind
-            return "int64" if kind in "iub" else "float32" if kind == "f" else dtype
+    def float_fields(self) -> tuple[str, ...]:
+        return float_fields(self.task, self.fields)
 
+    def yield_dtype(self, name: str) -> np.dtype:
+        """What readers yield for ``name``: float32 for float fields, int64 for other integers."""
+        if name in self.float_fields():
+            return np.dtype(np.float32)
+        dtype = np.dtype(self.fields[name].dtype)
+        return np.dtype(np.int64) if dtype.kind in "iub" else dtype
+
+    def schema(self) -> dict:
+        """JSON-able input schema: what the registry stores and batch inference compares against.
+        Dtypes are what readers *yield* (float32 features even when stored as uint8), not the stored ones."""
         out: dict[str, Any] = {"task": self.task, "fields": {
-            k: {"dtype": yielded(v.dtype), "shape": list(v.shape)} for k, v in self.fields.items()}}
+            k: {"dtype": self.yield_dtype(k).name, "shape": list(v.shape)} for k, v in self.fields.items()}}
         for key in ("num_classes", "num_users", "num_items"):
             if getattr(self, key) is not None:
                 out[key] = getattr(self, key)
+        if self.table:  # how raw table columns become x (applied again by `hpc infer` on files)
+            out["table"] = self.table
         return out
 
     def to_json(self) -> dict:
@@ -119,6 +183,7 @@ class Manifest:
             "total_samples": self.total_samples, "class_counts": self.class_counts,
             "num_classes": self.num_classes, "num_users": self.num_users, "num_items": self.num_items,
             "stats": self.stats, "bad_rows": self.bad_rows, "provenance": self.provenance,
+            **({"table": self.table} if self.table else {}), **({} if self.labeled else {"labeled": False}),
         }
 
 
@@ -147,7 +212,7 @@ def manifest_from_json(obj: dict, path: Path | None = None, sha256: str | None =
         if version > FORMAT_VERSION:
             raise ValueError(f"{where}: format_version {version} is newer than this hpc reads "
                              f"({FORMAT_VERSION}); upgrade hpc")
-        fields = {k: FieldSpec(str(v["dtype"]), tuple(int(d) for d in v["shape"]))
+        fields = {k: FieldSpec(str(v["dtype"]), tuple(int(d) for d in v["shape"]), v.get("encoding"))
                   for k, v in obj["fields"].items()}
         shards = [ShardInfo(str(s["file"]), int(s["samples"]), int(s["bytes"]), str(s["sha256"]),
                             {k: str(v) for k, v in s["datasets"].items()}) for s in obj["shards"]]
@@ -155,7 +220,7 @@ def manifest_from_json(obj: dict, path: Path | None = None, sha256: str | None =
                      class_counts=obj.get("class_counts"), num_classes=obj.get("num_classes"),
                      num_users=obj.get("num_users"), num_items=obj.get("num_items"),
                      stats=obj.get("stats") or {}, bad_rows=obj.get("bad_rows") or {},
-                     provenance=obj.get("provenance") or {}, format_version=version,
+                     provenance=obj.get("provenance") or {}, table=obj.get("table"), format_version=version,
                      path=path, sha256=sha256)
     except (KeyError, TypeError) as e:
         raise ValueError(f"{where}: malformed manifest (missing or bad key {e})") from None

@@ -43,7 +43,8 @@ class RunningStats:
             return
         width = 1 if not self.shape else self.shape[0]
         # View as [rows, width, inner]; reduce over rows and inner.
-        x = b.reshape(b.shape[0], width, -1) if self.per == "channel" or not self.shape else b.reshape(b.shape[0], -1, 1)
+        channels = self.per == "channel" or not self.shape
+        x = b.reshape(b.shape[0], width, -1) if channels else b.reshape(b.shape[0], -1, 1)
         step = max(1, BLOCK_VALUES // max(1, x.shape[1] * x.shape[2]))
         for a in range(0, x.shape[0], step):
             self._merge(x[a:a + step].astype(np.float64))
@@ -73,11 +74,14 @@ def _broadcast(values, shape: tuple[int, ...], per: str) -> np.ndarray:
 
 
 def normalizer(stats: Mapping[str, dict], fields: Mapping[str, tuple[int, ...]]):
-    """Return ``f(field, x, inplace=False) -> x'`` applying ``(x - mean) / std`` (float32) for the
-    fields in ``stats`` (others pass through). ``x`` is a numpy array or a torch tensor.
+    """Return ``f(field, x, inplace=False, out=None) -> x'`` applying ``(x - mean) / std`` (float32)
+    for the fields in ``stats`` (others pass through). ``x`` is a numpy array or a torch tensor.
 
     The arithmetic runs in numpy: torch's intra-op threads make these two ops ~10x slower on a busy
     2-core node. ``inplace=True`` (numpy float32 only; readers pass batches they own) saves a copy.
+    ``out`` (numpy float32, x's shape): the result goes there; a compactly stored ``x`` (uint8,
+    int16, float16, ...) is converted and centred in the same pass, with the same float32 result as
+    normalizing ``x.astype(float32)`` (a field without stats is just converted into ``out``).
     A std of 0 (a constant feature) divides by 1 instead, so the feature becomes 0, not NaN.
     """
     table = {}
@@ -95,8 +99,11 @@ def normalizer(stats: Mapping[str, dict], fields: Mapping[str, tuple[int, ...]])
         std = np.where(std > 0, std, 1.0).astype(np.float32)
         table[name] = (mean, (1.0 / std).astype(np.float32))
 
-    def apply(name: str, x, inplace: bool = False):
+    def apply(name: str, x, inplace: bool = False, out: np.ndarray | None = None):
         if name not in table:
+            if out is not None:
+                np.copyto(out, x, casting="unsafe")
+                return out
             return x
         mean, inv = table[name]
         if not isinstance(x, np.ndarray):  # a torch tensor
@@ -105,8 +112,11 @@ def normalizer(stats: Mapping[str, dict], fields: Mapping[str, tuple[int, ...]])
             if x.device.type != "cpu":
                 return (x.float() - torch.as_tensor(mean, device=x.device)) * torch.as_tensor(inv, device=x.device)
             return torch.from_numpy(apply(name, x.detach().numpy().astype(np.float32), inplace=True))
-        out = x if inplace and x.dtype == np.float32 else x.astype(np.float32)
-        np.subtract(out, mean, out=out)
+        if out is None:
+            out = x if inplace and x.dtype == np.float32 else x.astype(np.float32)
+            np.subtract(out, mean, out=out)
+        else:  # one pass: each stored value is widened to float32 exactly, then centred
+            np.subtract(x, mean, out=out, dtype=np.float32)
         np.multiply(out, inv, out=out)
         return out
 

@@ -3,8 +3,10 @@
 What a rank reads in an epoch is the pure plan of ``hpc.data.shuffle``; ``hpc.data.assemble``
 turns its windows (the bounded shuffle buffer, ``shuffle_buffer_mb``) into batches with whole-chunk
 reads (``hpc.data.shardio``: os.preadv for unfiltered data, HDF5 otherwise; never per-sample
-fancy indexing on h5py). Two background threads: one reads, one normalizes and augments; at most
-``prefetch`` finished batches wait. Handles are opened by the reading thread (never across fork).
+fancy indexing on h5py) of the stored bytes: features stored as uint8/int16/float16/bfloat16 are
+converted to float32 per batch after the read, then normalized. Two background threads: one
+reads, one converts, normalizes and augments; at most ``prefetch`` finished batches wait.
+Handles are opened by the reading thread (never across fork).
 
 Position is (epoch, batches handed out): ``state_dict()`` after the consumer received batch k
 resumes at batch k+1 with exactly the batches (and augmentations) an uninterrupted reader yields.
@@ -26,7 +28,7 @@ import torch
 
 from hpc.data.assemble import BatchAssembler, BufferPool
 from hpc.data.augment import Augment, batch_generator
-from hpc.data.shardio import ShardFiles, ShardReadError, check_shards, out_dtype
+from hpc.data.shardio import ShardFiles, ShardReadError, check_shards, yielded
 from hpc.data.manifest import Manifest, load_manifest
 from hpc.data.normalize import input_stats, normalizer
 from hpc.data.partition import batches_per_epoch
@@ -105,8 +107,28 @@ def _stats_for(m: Manifest, normalize: bool | Mapping | None) -> Mapping[str, di
 
 
 def _to_torch(arrays: Mapping[str, np.ndarray], m: Manifest) -> dict[str, torch.Tensor]:
-    return {k: torch.from_numpy(np.ascontiguousarray(v.astype(out_dtype(m.fields[k].dtype), copy=False)))
-            if k in m.fields else torch.from_numpy(v) for k, v in arrays.items()}
+    """Integer fields as int64 (float fields are float32 already: ``_floats``)."""
+    return {k: torch.from_numpy(np.ascontiguousarray(v.astype(m.yield_dtype(k), copy=False)) if k in m.fields else v)
+            for k, v in arrays.items()}
+
+
+def _floats(arrays: dict[str, np.ndarray], m: Manifest, norm, pool: BufferPool | None = None) -> dict:
+    """Normalize (``norm``) the fields of a batch the caller owns; float fields stored compactly
+    (uint8, int16, float16, ...) become float32 in the same pass, into ``pool``'s recycled arrays
+    when given (bfloat16 bits are widened first). float32 fields are normalized in place."""
+    floats = m.float_fields()
+    out = {}
+    for k, v in arrays.items():
+        if k in floats and (v.dtype != np.float32 or m.fields[k].encoding):
+            buf = None if pool is None else pool.get(v.shape, np.float32)
+            if m.fields[k].encoding:
+                v, buf = yielded(m, k, v, buf), None
+            else:
+                buf = np.empty(v.shape, np.float32) if buf is None else buf
+            out[k] = norm(k, v, inplace=True, out=buf)
+        else:
+            out[k] = norm(k, v, inplace=True)
+    return out
 
 
 class StreamingReader:
@@ -144,6 +166,9 @@ class StreamingReader:
         self.scatter = bool(direct_io)  # big rows straight into their batch slots (tuning knob)
         # Enough recycled batches for one window's batches plus those queued or in the caller's hands.
         self._pool = BufferPool(cap=-(-self.window_samples // batch_size) + 2 * prefetch + 4)
+        # float32 batches of compactly stored fields, filled by the batch thread (its own pool:
+        # a pool is used by one thread).
+        self._out_pool = BufferPool(cap=2 * prefetch + 4)
         self._offsets = np.concatenate([[0], np.cumsum(m.sample_counts)]).astype(np.int64)
         self.epoch, self.position = 0, 0
 
@@ -246,7 +271,7 @@ class StreamingReader:
             arrays = {k: np.concatenate([v, np.zeros((pad,) + v.shape[1:], v.dtype)]) for k, v in arrays.items()}
             arrays["row_id"][n:] = -1
             weight = np.concatenate([weight, np.zeros(pad, np.float32)])
-        arrays = {k: self._norm(k, v, inplace=True) for k, v in arrays.items()}  # fresh batch arrays: ours
+        arrays = _floats(arrays, m, self._norm, self._out_pool)  # fresh batch arrays: ours
         batch = _to_torch(arrays, m)
         batch["weight"] = torch.from_numpy(weight)
         if self.augment is not None:
@@ -274,7 +299,7 @@ def iter_shard(split_dir: str | os.PathLike, shard_index: int, batch_size: int,
         for a in range(0, n, batch_size):
             b = min(n, a + batch_size)
             arrays = files.read(np.array([[shard_index, a, b]], np.int64), list(m.fields))
-            batch = _to_torch({k: norm(k, v, inplace=True) for k, v in arrays.items()}, m)
+            batch = _to_torch(_floats(arrays, m, norm), m)  # compact dtypes -> float32 after the read
             rows = torch.arange(a, b, dtype=torch.int64)
             batch.update(row=rows, row_id=rows + offset, weight=torch.ones(b - a),
                          shard_index=torch.full((b - a,), shard_index, dtype=torch.int64))

@@ -1,11 +1,13 @@
 """Shard file access: fail-fast checks, and fast reads of whole chunks / contiguous row ranges.
 
-Reads never use per-sample fancy indexing through h5py. For an unfiltered dataset (no compression)
-whose chunks span whole samples, or a contiguous one, rows are read with ``os.preadv`` straight
-into the destination at the byte offsets HDF5 reports (``H5Dget_chunk_info``/``get_offset``): about
-twice as fast as an H5Dread per chunk, and the GIL is released during the copy, so the prefetch
-thread overlaps the training loop. Anything else (gzip/lzf, partial chunk layouts, big-endian,
-unallocated chunks) goes through HDF5's own read.
+Reads move the stored bytes (uint8 images stay 1 byte a pixel); ``yielded``/``to_float32`` convert
+to what readers yield (float32 features) after the read. Reads never use per-sample fancy indexing
+through h5py. For an unfiltered dataset (no compression) whose chunks span whole samples, or a
+contiguous one, rows are read with ``os.preadv`` straight into the destination at the byte
+offsets HDF5 reports (``H5Dget_chunk_info``/``get_offset``): about twice as fast as an H5Dread per
+chunk, and the GIL is released during the copy, so the prefetch thread overlaps the training loop.
+Anything else (gzip/lzf, partial chunk layouts, big-endian, unallocated chunks) goes through
+HDF5's own read.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from collections import OrderedDict
 import h5py
 import numpy as np
 
-from hpc.data.manifest import Manifest
+from hpc.data.manifest import FieldSpec, Manifest
 
 MAX_OPEN_FILES = 64
 IOV_MAX = 1024  # iovecs per preadv call (Linux's limit)
@@ -26,10 +28,30 @@ class ShardReadError(RuntimeError):
     """A shard failed to read mid-epoch; the message names the file (the job should stop)."""
 
 
-def out_dtype(dtype: str) -> np.dtype:
-    """What readers yield: integers as int64, floats as float32 (the models' contract)."""
-    kind = np.dtype(dtype).kind
-    return np.dtype(np.int64) if kind in "iub" else np.dtype(np.float32) if kind == "f" else np.dtype(dtype)
+def to_float32(arr: np.ndarray, spec: FieldSpec, out: np.ndarray | None = None) -> np.ndarray:
+    """Stored values -> float32, after the (compact) read: uint8/int8/uint16/int16/float16 and
+    bfloat16 bit patterns convert exactly. A float32 array comes back as it is (no copy); else the
+    result goes into ``out`` (float32, same shape) when given, a new array otherwise."""
+    if spec.encoding == "bfloat16":  # the bits are the top half of a float32's
+        res = np.empty(arr.shape, np.float32) if out is None else out
+        wide = res.view(np.uint32)
+        np.copyto(wide, arr.view(np.uint16), casting="safe")
+        np.left_shift(wide, 16, out=wide)
+        return res
+    if arr.dtype == np.float32:
+        return arr
+    if out is None:
+        return arr.astype(np.float32)
+    np.copyto(out, arr, casting="unsafe")
+    return out
+
+
+def yielded(m: Manifest, name: str, arr: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    """A field's stored values as readers yield them (``Manifest.yield_dtype``): float32 for float
+    fields whatever the stored dtype, int64 for other integers."""
+    if name in m.float_fields():
+        return to_float32(arr, m.fields[name], out)
+    return arr.astype(m.yield_dtype(name), copy=False)
 
 
 def check_shards(m: Manifest, schema: bool = True) -> None:
@@ -50,16 +72,16 @@ def check_shards(m: Manifest, schema: bool = True) -> None:
         try:
             with h5py.File(path, "r") as f:
                 for name, spec in m.fields.items():
-                    ds = f.get(info.datasets.get(name, "/" + name))
+                    dpath = info.datasets.get(name, "/" + name)
+                    ds = f.get(dpath)
                     if not isinstance(ds, h5py.Dataset):
-                        problems.append(f"{path}: no dataset for field {name!r} "
-                                        f"({info.datasets.get(name)})")
+                        problems.append(f"{path}: no dataset {dpath} (field {name!r})")
                     elif ds.dtype.name != spec.dtype or tuple(ds.shape[1:]) != spec.shape:
-                        problems.append(f"{path}: field {name!r} is {ds.dtype}{list(ds.shape[1:])}, "
-                                        f"manifest says {spec.dtype}{list(spec.shape)}")
+                        problems.append(f"{path}:{dpath} is {ds.dtype}{list(ds.shape[1:])}, manifest "
+                                        f"says {spec.dtype}{list(spec.shape)} (field {name!r})")
                     elif ds.shape[0] < info.samples:
-                        problems.append(f"{path}: field {name!r} has {ds.shape[0]} rows, manifest "
-                                        f"says {info.samples}")
+                        problems.append(f"{path}:{dpath} has {ds.shape[0]} rows, manifest says "
+                                        f"{info.samples} (field {name!r})")
         except OSError as e:
             problems.append(f"{path}: not a readable HDF5 file ({e})")
     if problems:

@@ -3,7 +3,9 @@
 - ``tabular``: x ~ N(0, I) in ``features`` dims; y = argmax over classes of a fixed random linear
   map of x plus a quadratic term, plus label noise: learnable, not trivially separable.
 - ``images``: C x H x W float32; each class is a small template (bar, cross, ring, ...) pasted at a
-  random position with a random colour, plus Gaussian noise. Because the position is random, a
+  random position with a random colour, plus Gaussian noise. With an integer ``store_dtype``
+  (uint8, ...) the pixels are quantized: [-1, 3] maps linearly onto the dtype's range (rounded,
+  clipped), so ``--store-dtype uint8`` gives 8-bit images as a camera would. Because the position is random, a
   CNN (translation-equivariant, pooled) learns it well and a linear model on pixels much less.
 - ``ratings``: (user, item, rating) with rating = mu + b_u + b_i + <U_u, V_i> + noise(std=``noise``):
   low-rank truth; the recommender's best achievable RMSE is the stated noise level.
@@ -123,10 +125,30 @@ def _chunk(cfg: SynthConfig, truth: dict, index: int, n: int) -> dict[str, np.nd
     return {"user": u.astype(np.int64), "item": i.astype(np.int64), "rating": r.astype(np.float32)}
 
 
-def synth_chunks(cfg: SynthConfig) -> Iterator[dict[str, np.ndarray]]:
+INT_STORE = ("uint8", "int8", "uint16", "int16")
+PIXEL_RANGE = (-1.0, 3.0)  # image values mapped onto an integer store dtype's range
+
+
+def quantize(x: np.ndarray, dtype: str) -> np.ndarray:
+    """Image values -> integers of ``dtype``: PIXEL_RANGE linearly onto its range, rounded, clipped."""
+    info = np.iinfo(dtype)
+    lo, hi = PIXEL_RANGE
+    q = np.rint(info.min + (x.astype(np.float64) - lo) * ((int(info.max) - int(info.min)) / (hi - lo)))
+    return np.clip(q, info.min, info.max).astype(dtype)
+
+
+def synth_chunks(cfg: SynthConfig, store_dtype: str | None = None) -> Iterator[dict[str, np.ndarray]]:
+    """``store_dtype``: an integer dtype quantizes images (``quantize``); tabular features are
+    real-valued and refuse one."""
+    if store_dtype in INT_STORE and cfg.kind != "images":
+        raise ValueError(f"--store-dtype {store_dtype}: {cfg.kind} features are real-valued, not integers; "
+                         "use --store-dtype float16 or bfloat16 (or images for 8/16-bit pixels)")
     truth = _truth(cfg)
     for index, start in enumerate(range(0, cfg.samples, cfg.chunk)):
-        yield _chunk(cfg, truth, index, min(cfg.chunk, cfg.samples - start))
+        chunk = _chunk(cfg, truth, index, min(cfg.chunk, cfg.samples - start))
+        if store_dtype in INT_STORE:
+            chunk["x"] = quantize(chunk["x"], store_dtype)
+        yield chunk
 
 
 def synth(cfg: SynthConfig, out: str | os.PathLike, *, split: str = "train=0.8,val=0.1,test=0.1", writer: WriterConfig = WriterConfig(),
@@ -137,6 +159,8 @@ def synth(cfg: SynthConfig, out: str | os.PathLike, *, split: str = "train=0.8,v
     extra = {"synth": {k: v for k, v in cfg.__dict__.items()}}
     if cfg.kind == "ratings":
         extra["synth"]["noise_floor_rmse"] = cfg.noise
-    return write_splits(synth_chunks(cfg), out, cfg.task, cfg.fields(), split, cfg.seed, writer,
+    if writer.store_dtype in INT_STORE:
+        extra["synth"]["quantized"] = {"dtype": writer.store_dtype, "from": list(PIXEL_RANGE)}
+    return write_splits(synth_chunks(cfg, writer.store_dtype), out, cfg.task, cfg.fields(), split, cfg.seed, writer,
                         source=f"synth:{cfg.kind}", extra=extra,
                         progress=Progress(cfg.samples, label="synth", enabled=progress), **counts)

@@ -37,13 +37,13 @@ def _check_shard(m: Manifest, i: int, checksums: bool, counts: np.ndarray | None
                 dpath = info.datasets.get(name, "/" + name)
                 ds = f.get(dpath)
                 if not isinstance(ds, h5py.Dataset):
-                    out.append(f"{path}: field {name!r}: no dataset {dpath}")
+                    out.append(f"{path}: no dataset {dpath} (field {name!r})")
                     continue
                 if ds.dtype.name != spec.dtype or tuple(ds.shape[1:]) != spec.shape:
-                    out.append(f"{path}: field {name!r}: {ds.dtype}{list(ds.shape[1:])}, manifest says "
-                               f"{spec.dtype}{list(spec.shape)}")
+                    out.append(f"{path}:{dpath}: {ds.dtype}{list(ds.shape[1:])}, manifest says "
+                               f"{spec.dtype}{list(spec.shape)} (field {name!r})")
                 if ds.shape[0] != info.samples:
-                    out.append(f"{path}: field {name!r}: {ds.shape[0]} rows, manifest says {info.samples}")
+                    out.append(f"{path}:{dpath}: {ds.shape[0]} rows, manifest says {info.samples} (field {name!r})")
                 elif checksums and counts is not None and name == "y":
                     step = 1 << 20
                     for a in range(0, info.samples, step):

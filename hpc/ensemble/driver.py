@@ -38,7 +38,7 @@ from hpc.ensemble.stacking import OOFTable
 from hpc.models.combine import combine, fit_meta, stacking_features
 from hpc.registry.layout import META
 from hpc.train.config import load_config
-from hpc.train.inputs import TARGET
+from hpc.train.inputs import TARGET, split_dirs
 from hpc.train.preempt import EXIT_PREEMPTED
 from hpc.util.io import atomic_write_bytes, atomic_write_json
 
@@ -77,12 +77,13 @@ class Runner:
         self.base = spec.base_path()
         cfg = load_config(self.base, spec.overrides)  # validates the base config now
         self.base_config = cfg
-        self.data_dir = Path(cfg.data.dir)
+        # data.train|val|test or data.dir/<split>, resolved as the trainer does
+        self.splits = split_dirs(cfg.data)
         self.work = Path(cfg.out_dir) / spec.name / "ensemble"
-        self.train_manifest = load_manifest(self.data_dir / "train")
+        self.train_manifest = load_manifest(self.splits["train"])
         self.task = self.train_manifest.task
         self.n = self.train_manifest.total_samples
-        self.y = self._targets(self.data_dir / "train")
+        self.y = self._targets(self.splits["train"])
         self._cache: dict[tuple[str, str], np.ndarray] = {}
 
     # ------------------------------------------------------------------ members
@@ -151,7 +152,7 @@ class Runner:
         if key not in self._cache:
             # batch inference's scorer: the card's normalization, then probabilities/predictions
             scorer, _card = self.registry.load_scorer(ref, allow_unpromoted=True)
-            m = load_manifest(self.data_dir / split)
+            m = load_manifest(self.splits[split])
             outs = []
             with torch.no_grad():
                 for s in range(len(m.shards)):
@@ -333,9 +334,9 @@ class Runner:
 
     def _evaluate(self, res: Result) -> None:
         for split in ("val", "test"):
-            if not (self.data_dir / split / "manifest.json").is_file():
+            if split not in self.splits:
                 continue
-            y = self._targets(self.data_dir / split)
+            y = self._targets(self.splits[split])
             outs = [self.predict(m.ref, split) for m in res.members]
             row = {"members": {m.ref: self.score(o, y) for m, o in zip(res.members, outs)}}
             if res.groups:  # stacking: each level-0 model = the mean of its fold members

@@ -1,10 +1,12 @@
-"""The batch-inference job: registered model(s) x a sharded data split -> one partition per shard.
+"""The batch-inference job: registered model(s) x a sharded data split or tables (CSV/Parquet files)
+-> one partition per shard or file.
 
 Exactly once, on 1 process or N ranks (mpiexec / Slurm):
 
 1. every rank loads and verifies the model(s) (``Registry.load_scorer``: checksums first, only
-   promoted versions unless ``allow_unpromoted``) and checks the input manifest's schema against
-   the model's (ValueError naming each mismatch -> exit 2);
+   promoted versions unless ``allow_unpromoted``) and checks the input against the model
+   (``hpc.infer.inputs``: a manifest's schema, targets aside; a table's columns, which rank 0 also
+   counts and hashes for the job identity) (ValueError naming each mismatch -> exit 2);
 2. rank 0 claims the output directory: ``_JOB.json`` records the job's identity (models and
    their model.json sha256, input manifest sha256, format, batch size, top-k, combine); a
    directory holding another identity is refused unless ``overwrite``; a previous run's
@@ -33,13 +35,12 @@ from typing import Any, Callable
 
 import torch
 
-from hpc.data.manifest import check_schema, load_manifest
 from hpc.data.partition import assign_shards
-from hpc.data.reader import check_shards
 from hpc.dist import init_comm
+from hpc.infer.inputs import add_counts, check_before_start, check_input, open_input
 from hpc.infer.output import (MANIFEST, SUCCESS, claim_output, partition_record, read_output,
                               sidecar_path)
-from hpc.infer.pipeline import score_shards
+from hpc.infer.pipeline import score_parts
 from hpc.infer.writers import FORMATS, partition_name, write_partition
 from hpc.models.combine import Combiner
 from hpc.registry import Registry
@@ -49,7 +50,7 @@ from hpc.util.io import atomic_write_json, atomic_write_text, read_json, sha256_
 from hpc.util.progress import Progress
 from hpc.util.versions import code_version, versions
 
-__all__ = ["InferConfig", "check_input", "load_scorer", "read_output", "run"]
+__all__ = ["InferConfig", "check_input", "load_scorer", "preflight", "read_output", "run"]
 COMBINES = ("mean", "vote")
 # Test hook (documented in docs/infer.md): seconds to sleep after publishing each partition, so a
 # test can kill a rank mid-run deterministically. Unset in production; costs nothing then.
@@ -59,7 +60,7 @@ DELAY_ENV = "HPC_INFER_TEST_DELAY_S"
 @dataclass(frozen=True)
 class InferConfig:
     model: str                      # NAME@ALIAS|VERSION[,NAME@...]
-    input: str                      # a split directory with manifest.json
+    input: str                      # a split directory (manifest.json), or a CSV/Parquet file or directory
     output: str
     format: str = "parquet"
     batch_size: int = 1024
@@ -119,15 +120,11 @@ def load_scorer(cfg: InferConfig, device: str = "cpu") -> tuple[Any, dict]:
         "models": pinned}
 
 
-def check_input(model_rec: dict, manifest) -> None:
-    """The input's task and fields must be the model's (ValueError naming every mismatch)."""
-    if manifest.task != model_rec["task"]:
-        raise ValueError(f"{manifest.path}: the data's task is {manifest.task}, the model "
-                         f"{model_rec['name']}@{model_rec['version']} was trained for {model_rec['task']}")
-    try:
-        check_schema(model_rec["schema"], manifest)
-    except ValueError as e:
-        raise ValueError(f"{e} (model {model_rec['name']}@{model_rec['version']})") from None
+def preflight(cfg: InferConfig) -> None:
+    """What `hpc infer --nproc N` checks before it starts ranks (a ValueError: exit 2): the model(s)
+    load and verify, and the input fits them (a split's schema, a table's columns)."""
+    scorer, model_rec = load_scorer(cfg, "cpu")
+    check_before_start(cfg.input, scorer, model_rec)
 
 
 # ------------------------------------------------------------------------------ the job
@@ -139,10 +136,11 @@ def _device(cfg: InferConfig, local_rank: int) -> torch.device:
     return torch.device(f"cuda:{local_rank % torch.cuda.device_count()}")
 
 
-def job_identity(cfg: InferConfig, model_rec: dict, manifest) -> dict:
-    """What must match for partitions to be reused (anything that changes their bytes)."""
+def job_identity(cfg: InferConfig, model_rec: dict, source) -> dict:
+    """What must match for partitions to be reused (anything that changes their bytes); a table
+    input's sha256 covers its files' names and contents."""
     return {"models": model_rec["models"], "combine": model_rec["combine"],
-            "input_manifest_sha256": manifest.sha256, "format": cfg.format,
+            "input_manifest_sha256": source.sha256, "format": cfg.format,
             "batch_size": cfg.batch_size, "top_k": cfg.top_k}
 
 
@@ -165,10 +163,8 @@ def _run(cfg: InferConfig, comm, log: Callable[[str], None], start: float, progr
     world = comm.world
     device = _device(cfg, world.local_rank)
     scorer, model_rec = load_scorer(cfg, str(device))
-    manifest = load_manifest(cfg.input)
-    check_input(model_rec, manifest)
-    check_shards(manifest)
-    job = job_identity(cfg, model_rec, manifest)
+    source = open_input(cfg.input, scorer, model_rec, comm)
+    job = job_identity(cfg, model_rec, source)
     job_sha = sha256_bytes(json.dumps(job, sort_keys=True, default=str).encode())
     out = Path(cfg.output)
 
@@ -187,27 +183,28 @@ def _run(cfg: InferConfig, comm, log: Callable[[str], None], start: float, progr
                 "nothing to do")
         return {"state": "complete", "rows_written": 0, "manifest": read_json(out / MANIFEST)}
 
-    counts = manifest.sample_counts
-    mine = assign_shards(counts, world.size)[world.rank]
+    counts = source.counts
+    mine = assign_shards(source.weights, world.size)[world.rank]
     todo = [s for s in mine if partition_record(out, s, cfg.format, job_sha, counts[s]) is None]
     delay = float(os.environ.get(DELAY_ENV) or 0)
     meta = {"model": model_rec["name"], "model_version": model_rec["version"], "job_sha256": job_sha,
-            "input_manifest_sha256": manifest.sha256}
+            "input_manifest_sha256": source.sha256}
 
-    def publish(shard: int, cols: dict) -> None:
+    def publish(shard: int, cols: dict, table_counts: dict) -> None:
         name = partition_name(shard, cfg.format)
         write_partition(out / name, cfg.format, cols, meta)
         atomic_write_json(sidecar_path(out, shard), {
             "file": name, "shard": shard, "rows": len(cols["index"]), "job": job_sha,
-            "bytes": (out / name).stat().st_size, "sha256": sha256_file(out / name)})
+            "bytes": (out / name).stat().st_size, "sha256": sha256_file(out / name),
+            **source.part_record(shard), **({"table": table_counts} if table_counts else {})})
         if delay:
             time.sleep(delay)
 
     t0 = time.time()
     label = "infer" if world.size == 1 else f"infer rank 0 of {world.size}"
     with Progress(sum(counts[s] for s in todo), label=label, enabled=progress and world.is_main) as bar:
-        waits = score_shards(scorer, manifest, todo, cfg.batch_size, cfg.prefetch, cfg.top_k, model_rec,
-                             device, publish, bar)
+        waits = score_parts(scorer, source, todo, cfg.batch_size, cfg.prefetch, cfg.top_k, model_rec,
+                            device, publish, bar)
     rows = waits.pop("rows")
     scoring_s = time.time() - t0
     mine_rec = {"rank": world.rank, "shards": len(mine), "written": len(todo),
@@ -217,7 +214,7 @@ def _run(cfg: InferConfig, comm, log: Callable[[str], None], start: float, progr
     comm.barrier()
     summary: dict[str, Any] = {"state": "done", "rows_written": rows, "ranks": ranks}
     if world.is_main:
-        summary["manifest"] = _finish(out, cfg, job, job_sha, model_rec, manifest, ranks, start)
+        summary["manifest"] = _finish(out, cfg, job, job_sha, model_rec, source, ranks, start)
         total = summary["manifest"]["rows"]
         log(f"wrote {sum(r['written'] for r in ranks)} partition(s), skipped "
             f"{sum(r['skipped'] for r in ranks)} complete one(s): {total} rows of "
@@ -228,23 +225,25 @@ def _run(cfg: InferConfig, comm, log: Callable[[str], None], start: float, progr
     return summary
 
 
-def _finish(out: Path, cfg: InferConfig, job: dict, job_sha: str, model_rec: dict, manifest,
+def _finish(out: Path, cfg: InferConfig, job: dict, job_sha: str, model_rec: dict, source,
             ranks: list[dict], start: float) -> dict:
-    parts = []
-    for s, n in enumerate(manifest.sample_counts):
+    parts, table = [], {}
+    for s, n in enumerate(source.counts):
         rec = partition_record(out, s, cfg.format, job_sha, n, rehash=False)
         if rec is None:  # every rank validated or wrote its shards before the barrier
             raise RuntimeError(f"{out / partition_name(s, cfg.format)}: missing or invalid after the run")
         parts.append({"file": rec["file"], "shard": s, "rows": rec["rows"], "sha256": rec["sha256"],
-                      "bytes": rec["bytes"]})
+                      "bytes": rec["bytes"], **source.part_record(s)})
+        add_counts(table, rec.get("table"))  # from the sidecars: partitions of an earlier run count too
     rows = sum(p["rows"] for p in parts)
-    assert rows == manifest.total_samples, (rows, manifest.total_samples)
+    assert rows == source.total, (rows, source.total)
     man = {
         "format_version": 1, "job_sha256": job_sha, **job,
         "model": {"name": model_rec["name"], "version": model_rec["version"], "task": model_rec["task"]},
-        "input": {"dir": str(manifest.path), "manifest_sha256": manifest.sha256,
-                  "total_samples": manifest.total_samples, "shards": len(manifest.shards)},
+        "input": source.record(),
         "rows": rows, "partitions": parts,
+        **({"table": {"imputed_cells": table.get("imputed", {}),
+                      "unseen_categories": table.get("unseen", {})}} if source.kind == "files" else {}),
         "start_time": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(start)),
         "end_time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "world_size": len(ranks), "ranks": ranks,

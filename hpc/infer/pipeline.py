@@ -1,6 +1,7 @@
 """The scoring pipeline of one rank: read + normalize (thread) -> compute -> write (thread).
 
-The reader thread runs ``iter_shard`` (in order, no shuffling) and the scorer's ``prepare``
+The reader thread runs the input's ``stream`` (``hpc.infer.inputs``: a shard or a table file, in
+order, no shuffling; tables are transformed there) and the scorer's ``prepare``
 (normalization on the CPU, pinned memory for a GPU) up to ``prefetch`` batches ahead; this thread
 runs the model; the writer thread publishes one shard's partition while the next is computed.
 Queues are bounded (``prefetch`` batches, 2 finished shards), so memory is bounded by shard size.
@@ -15,21 +16,12 @@ import time
 from typing import Callable
 
 import numpy as np
+import pyarrow as pa
 import torch
 
-from hpc.data.reader import iter_shard, put_unless_stopped
+from hpc.data.reader import put_unless_stopped
+from hpc.infer.inputs import add_counts, label_names
 from hpc.registry.scorers import move
-
-
-def id_fields(manifest) -> list[str]:
-    """Input fields copied to the output: integer scalar model inputs (user, item) and id fields."""
-    out = []
-    for name, spec in manifest.fields.items():
-        scalar_int = spec.shape == () and np.dtype(spec.dtype).kind in "iu"
-        is_id = name == "id" or name.endswith("_id")
-        if (scalar_int and name in manifest.input_fields) or (is_id and spec.shape == ()):
-            out.append(name)
-    return out
 
 
 class _Thread(threading.Thread):
@@ -61,31 +53,31 @@ def _get(q: queue.Queue, thread: _Thread):
                 raise RuntimeError(f"{thread.name} thread stopped without finishing")
 
 
-def score_shards(scorer, manifest, shards: list[int], batch_size: int, prefetch: int, top_k: int,
-                 model_rec: dict, device: torch.device, publish: Callable[[int, dict], None],
-                 progress=None) -> dict:
-    """Score ``shards`` in order; ``publish(shard, columns)`` runs on a writer thread;
-    ``progress`` (an ``hpc.util.progress.Progress``) advances by each scored batch's rows.
+def score_parts(scorer, source, shards: list[int], batch_size: int, prefetch: int, top_k: int,
+                model_rec: dict, device: torch.device, publish: Callable[[int, dict, dict], None],
+                progress=None) -> dict:
+    """Score the partitions ``shards`` of ``source`` (``hpc.infer.inputs``) in order;
+    ``publish(part, columns, counts)`` runs on a writer thread (``counts``: cells a table transform
+    imputed, categories it had not seen); ``progress`` (an ``hpc.util.progress.Progress``)
+    advances by each scored batch's rows.
 
     Returns ``{rows, read_wait_s, write_wait_s}``: the compute thread's time blocked on the reader
     (input-bound) and on the writer (output-bound); both near 0 means compute-bound.
     """
-    ids = id_fields(manifest)
+    names = label_names(model_rec)
     stop = threading.Event()
     batches: queue.Queue = queue.Queue(maxsize=prefetch)
     finished: queue.Queue = queue.Queue(maxsize=2)  # bounded: at most 2 shards' outputs wait
     pin = device.type == "cuda"
 
     def read() -> None:
-        for s in shards:
-            for batch in iter_shard(manifest, s, batch_size, normalize=False):
+        for s, batch, keep, counts in source.stream(shards, batch_size):
+            prepared = None
+            if batch is not None:  # else the end of partition s
                 prepared = scorer.prepare(batch)
                 if pin:
                     prepared = _pin(prepared)
-                keep = {"index": batch["row"], "row_id": batch["row_id"], **{k: batch[k] for k in ids}}
-                if not put_unless_stopped(batches, (s, prepared, keep), stop):
-                    return
-            if not put_unless_stopped(batches, (s, None, None), stop):
+            if not put_unless_stopped(batches, (s, prepared, keep, counts), stop):
                 return
 
     def write() -> None:
@@ -102,23 +94,25 @@ def score_shards(scorer, manifest, shards: list[int], batch_size: int, prefetch:
     try:
         for _ in shards:
             parts: list[tuple[dict, torch.Tensor]] = []
+            counted: dict = {}
             while True:
                 t0 = time.perf_counter()
-                s, prepared, keep = _get(batches, reader)
+                s, prepared, keep, counts = _get(batches, reader)
                 read_wait += time.perf_counter() - t0
                 if prepared is None:
                     break
+                add_counts(counted, counts)
                 with torch.inference_mode():
                     out = scorer(move(prepared, device, non_blocking=pin))
                 parts.append((keep, out.cpu()))
                 if progress is not None:
                     progress.update(len(keep["index"]))
-            cols = _columns(s, parts, ids, top_k, model_rec)
+            cols = _columns(s, parts, top_k, model_rec, names)
             rows += len(cols["index"])
             t0 = time.perf_counter()
             while True:  # hand over to the writer, noticing if it died
                 try:
-                    finished.put((s, cols), timeout=0.1)
+                    finished.put((s, cols, counted), timeout=0.1)
                     break
                 except queue.Full:
                     if not writer.is_alive():
@@ -148,19 +142,33 @@ def _pin(prepared):
     return [_pin(v) for v in prepared]
 
 
-def _columns(shard: int, parts: list[tuple[dict, torch.Tensor]], ids: list[str], top_k: int,
-             model_rec: dict) -> dict[str, np.ndarray]:
-    """One partition's columns from its batches (pure given the tensors)."""
-    cat = (lambda k: torch.cat([p[0][k] for p in parts]).numpy()) if parts else (lambda k: np.zeros(0, np.int64))
+def _cat(values: list):
+    if isinstance(values[0], torch.Tensor):
+        return torch.cat(values).numpy()
+    if isinstance(values[0], pa.Array):  # a table's id column, as the file has it (text, nulls, ...)
+        return pa.concat_arrays(values)
+    return np.concatenate(values)
+
+
+def _columns(shard: int, parts: list[tuple[dict, torch.Tensor]], top_k: int, model_rec: dict,
+             names: list[str] | None = None) -> dict[str, np.ndarray]:
+    """One partition's columns from its batches (pure given the tensors). ``names``: the class
+    names (a ``prediction_label`` column)."""
+    keys = list(parts[0][0]) if parts else ["index", "row_id"]
+    cat = (lambda k: _cat([p[0][k] for p in parts])) if parts else (lambda k: np.zeros(0, np.int64))
     out = torch.cat([p[1] for p in parts]) if parts else torch.zeros(0)
     n = len(cat("index"))
     cols: dict[str, np.ndarray] = {"shard": np.full(n, shard, np.int32), "index": cat("index"),
                                    "row_id": cat("row_id")}
-    for k in ids:
-        cols[k] = cat(k)
+    for k in keys:
+        if k not in cols:
+            cols[k] = cat(k)
     if model_rec["task"] == "classification":
         probs = out.float().reshape(n, -1) if n else torch.zeros(0, model_rec["schema"]["num_classes"])
         cols["prediction"] = probs.argmax(dim=-1).numpy().astype(np.int64)
+        if names:
+            cols["prediction_label"] = np.array(names + [None], dtype=object)[
+                np.minimum(cols["prediction"], len(names))]
         if top_k:
             k = min(top_k, probs.shape[1])
             val, idx = torch.topk(probs, k, dim=-1)

@@ -1,6 +1,7 @@
 """Partition writers: one file per input shard, in parquet, HDF5 or CSV, written atomically.
 
-A partition is a dict of numpy columns of equal length; 2-D columns (probabilities ``[N, C]``,
+A partition is a dict of numpy columns (or pyarrow arrays: a table's id columns, kept as the file
+has them) of equal length; 2-D columns (probabilities ``[N, C]``,
 top-k ``[N, K]``) become fixed-size lists in parquet, 2-D datasets in HDF5 and ``name_0..name_K-1``
 columns in CSV (CSV has no lists). Every writer is deterministic (the same columns give the same
 bytes: no timestamps; HDF5 datasets are written with ``track_times=False``), which is what lets a
@@ -32,6 +33,10 @@ def partition_name(shard: int, fmt: str) -> str:
 def _arrow_table(columns: Mapping[str, np.ndarray], meta: Mapping[str, str], flatten: bool):
     names, arrays = [], []
     for name, col in columns.items():
+        if isinstance(col, pa.Array):  # an id column of a table input, with its own type and nulls
+            names.append(name)
+            arrays.append(col)
+            continue
         col = np.asarray(col)
         if col.ndim == 2 and flatten:
             for j in range(col.shape[1]):
@@ -63,7 +68,7 @@ def _write_hdf5(tmp: Path, columns, meta) -> None:
         for k, v in meta.items():
             f.attrs[k] = str(v)
         for name, col in columns.items():
-            col = np.asarray(col)
+            col = col.to_numpy(zero_copy_only=False) if isinstance(col, pa.Array) else np.asarray(col)
             if col.dtype.kind in "OU":
                 f.create_dataset(name, data=np.array(col.tolist(), dtype=object),
                                  dtype=h5py.string_dtype(), track_times=False)

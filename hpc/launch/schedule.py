@@ -1,9 +1,16 @@
 """`hpc schedule infer|list|remove`: batch scoring on a cron cadence through Slurm's scrontab.
 
-An entry runs ``python -m hpc.launch.schedule --model M --input I --output ROOT``: it scores into
-``ROOT/<run id>/`` and, only once that run has its ``_SUCCESS`` marker, swings ``ROOT/latest`` to
-it with an atomic rename of a symlink, so readers of ``ROOT/latest`` see the previous complete
-output or the new complete one, never a partial run.
+An entry runs ``python -m hpc.launch.schedule --model M --input I --output ROOT``. Two kinds of input:
+
+- a **landing zone** (a directory that is not itself a split: operators drop Parquet/CSV files or
+  shard-set directories into it): each run scores only the drops not scored yet (keyed by path and
+  content sha256), one output directory per drop, records them in an append-only ledger and then
+  publishes ``ROOT/_INDEX.json``, the list of every scored input (``run_landing``,
+  ``hpc.launch.landing``);
+- a **split** (a directory with ``manifest.json``) or a file: re-scored whole at every run into
+  ``ROOT/<run id>/``; only once that run has its ``_SUCCESS`` marker, ``ROOT/latest`` swings to it
+  with an atomic rename of a symlink, so readers of ``ROOT/latest`` see the previous complete
+  output or the new complete one, never a partial run.
 
 Entries live in the user's scrontab between ``# hpc-schedule NAME`` and ``# hpc-schedule end NAME``
 lines; anything else in the scrontab is left alone. Where scrontab is missing or disabled (Debian's
@@ -23,6 +30,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import traceback
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -30,10 +38,10 @@ from pathlib import Path
 from cronsim import CronSim, CronSimError
 
 from hpc.dist.world import mpi_env_for_root, world_from_env
-from hpc.launch import slurm
+from hpc.launch import landing, slurm
 from hpc.launch.sbatch import SlurmResources
 from hpc.registry import default_root
-from hpc.util.io import fsync_dir
+from hpc.util.io import fsync_dir, read_json
 
 BEGIN, END = "# hpc-schedule ", "# hpc-schedule end "
 
@@ -169,6 +177,7 @@ class Schedule:
         if "@" not in self.model:
             raise ValueError(f"--model {self.model!r}: expected NAME@ALIAS or NAME@VERSION (e.g. digits@production)")
         self.input, self.output = str(Path(self.input).resolve()), str(Path(self.output).resolve())
+        check_roots(Path(self.input), Path(self.output))
         self.registry = str(Path(self.registry or default_root()).resolve())
         self.res.name = f"hpc-sched-{self.name}"
         self.res.check()
@@ -304,6 +313,29 @@ def run_now(s: Schedule) -> str:
 
 
 # ------------------------------------------------------------------------------- the job body
+def is_landing_zone(path: str | os.PathLike) -> bool:
+    """A directory that is not itself a split (no manifest.json): its drops are scored incrementally."""
+    p = Path(path)
+    return p.is_dir() and not (p / landing.MANIFEST_NAME).is_file()
+
+
+def describe_input(s: Schedule) -> str:
+    """What each run will do with ``s.input``, as things stand now (for the user)."""
+    if is_landing_zone(s.input):
+        return (f"{s.input} is a landing zone: each run scores only the Parquet/CSV files and shard-set "
+                f"directories not scored yet (or changed) into {s.output}/{landing.SCORED}/ and then "
+                f"publishes {s.output}/{landing.INDEX}")
+    return f"{s.input} is scored whole at every run into {s.output}/<run>/, then {s.output}/latest points at it"
+
+
+def check_roots(input: Path, output: Path) -> None:
+    """The output root may not be inside the input (its outputs would be new drops) nor hold it."""
+    i, o = input.resolve(), output.resolve()
+    if o == i or i in o.parents or o in i.parents:
+        raise ValueError(f"--output {o}: must be outside --input {i} and not contain it (scored outputs "
+                         "would be read back as new input, or the input deleted with the outputs)")
+
+
 def point_latest(root: Path, run_id: str) -> None:
     """Atomically make ``root/latest`` a symlink to ``run_id`` (which must hold ``_SUCCESS``)."""
     if not (root / run_id / "_SUCCESS").is_file():
@@ -319,36 +351,125 @@ def point_latest(root: Path, run_id: str) -> None:
     fsync_dir(root)
 
 
-def run_scheduled(name: str, model: str, input: str, output: str, ntasks: int = 1, mpi: bool = True,
-                  registry: str | None = None) -> Path:
-    """Score ``input`` into ``output/<run id>/``, then move ``output/latest`` to it."""
+def _run_id() -> str:
+    return time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()) + f"-{world_from_env().slurm_job_id or os.getpid()}"
+
+
+def _score(model: str, input: str, dest: Path, ntasks: int, mpi: bool, registry: str | None) -> tuple[int, str]:
+    """Score ``input`` into ``dest`` (``hpc infer``, or srun of it on ``ntasks``): (exit status, error)."""
     # The job body only: hpc.launch.tasks imports the inference job (torch, ~1 s measured), which
     # `hpc schedule infer|list|remove` (importing this module) must not wait for.
     from hpc.infer.job import InferConfig
     from hpc.launch.tasks import infer_argv, infer_task
 
-    root = Path(output)
-    root.mkdir(parents=True, exist_ok=True)
-    run_id = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()) + f"-{world_from_env().slurm_job_id or os.getpid()}"
-    dest = root / run_id
     try:
         cfg = InferConfig(model=model, input=input, output=str(dest), registry=registry)
         if ntasks > 1:
             srun = ["srun", "-n", str(ntasks)] + (["--mpi=pmix"] if mpi else [])
             rc = subprocess.call(srun + [sys.executable, "-m", "hpc", *infer_argv(cfg)],
                                  env={**os.environ, **mpi_env_for_root()})
-        else:
-            infer_task(cfg)
-            rc = 0
+            return rc, f"hpc infer on {ntasks} tasks exited {rc}" if rc else ""
+        infer_task(cfg)
+        return 0, ""
     except (ValueError, FileNotFoundError) as e:  # bad input: no traceback, as `hpc infer` says it
         print(f"hpc infer: error: {e}", file=sys.stderr, flush=True)
-        rc = 2
+        return 2, str(e)
+    except Exception as e:  # a failure at run time: the caller names the input and goes on
+        traceback.print_exc()
+        return 1, f"{type(e).__name__}: {e}"
+
+
+def run_scheduled(name: str, model: str, input: str, output: str, ntasks: int = 1, mpi: bool = True,
+                  registry: str | None = None) -> Path:
+    """One scheduled run: a landing zone's new drops (``run_landing``; returns the index path), or
+    ``input`` scored whole into ``output/<run id>/`` with ``output/latest`` moved to it."""
+    if not Path(input).exists():
+        raise ValueError(f"--input {input}: does not exist (a landing zone to watch for new drops, or a "
+                         "split or file to re-score at every run)")
+    check_roots(Path(input), Path(output))
+    if is_landing_zone(input):
+        return run_landing(name, model, input, output, ntasks, mpi, registry)
+    root = Path(output)
+    root.mkdir(parents=True, exist_ok=True)
+    if (root / landing.LEDGER).is_file():
+        raise ValueError(f"--output {root}: it holds the ledger of a landing zone ({landing.LEDGER}), but "
+                         f"--input {input} is a split scored whole at every run; use another --output")
+    run_id = _run_id()
+    dest = root / run_id
+    rc, _ = _score(model, input, dest, ntasks, mpi, registry)
     if rc != 0:
         raise SystemExit(f"schedule {name}: scoring {input} with {model} into {dest} exited {rc}; "
                          "latest unchanged")
     point_latest(root, run_id)
     print(f"schedule {name}: scored into {dest}; {root / 'latest'} -> {run_id}", flush=True)
     return dest
+
+
+def run_landing(name: str, model: str, input: str, output: str, ntasks: int = 1, mpi: bool = True,
+                registry: str | None = None) -> Path:
+    """Score the drops of landing zone ``input`` not scored yet (new, or changed under the same path)
+    into ``output/scored/<path>-<sha12>/``; append what happened to ``output/_LEDGER.jsonl``; then
+    publish ``output/_INDEX.json``. A drop that fails is named, the others are scored, the index
+    keeps what it had for it, and the run ends with SystemExit (2: bad input, else 1)."""
+    zone, root = Path(input).resolve(), Path(output).resolve()
+    root.mkdir(parents=True, exist_ok=True)
+    if (root / "latest").is_symlink():
+        raise ValueError(f"--output {root}: it holds runs of an input scored whole (latest -> "
+                         f"{os.readlink(root / 'latest')}); a landing zone needs an output root of its own")
+    with landing.locked(root) as mine:
+        if not mine:
+            print(f"schedule {name}: another run holds {root / landing.LOCK}; nothing done", flush=True)
+            return root / landing.INDEX
+        return _run_landing(name, model, zone, root, ntasks, mpi, registry)
+
+
+def _run_landing(name: str, model: str, zone: Path, root: Path, ntasks: int, mpi: bool,
+                 registry: str | None) -> Path:
+    run_id = _run_id()
+    records = landing.read_ledger(root / landing.LEDGER)
+    known = landing.known_stats(records)
+    seen, hashed, ignored = landing.observe(zone, known)
+    plan = landing.classify(landing.scored_state(records), seen)
+    new = landing.restat_records(known, plan.unchanged)
+    say = [f"schedule {name}: {zone}: {len(seen)} input(s), {len(hashed)} hashed (new or touched), "
+           f"{len(plan.new)} new, {len(plan.changed)} changed, {len(plan.unchanged)} already scored"
+           + (f"; ignored (not Parquet, CSV or a shard set): {', '.join(ignored)}" if ignored else "")
+           + (f"; scored before, no longer there (kept in the index): {', '.join(plan.gone)}" if plan.gone else "")]
+    failed, previous = [], {d.path: prev for d, prev in plan.changed}
+    for d in plan.todo:
+        dest = root / landing.output_name(d)
+        rc, err = _score(model, str(zone / d.path), dest, ntasks, mpi, registry)
+        if rc == 0 and not (dest / "_SUCCESS").is_file():
+            rc, err = 1, f"{dest}: no _SUCCESS after scoring"
+        if rc != 0:
+            if rc == 2 and not (dest / "_SUCCESS").is_file():
+                shutil.rmtree(dest, ignore_errors=True)  # bad input: nothing half-written stays
+            failed.append((d, rc, err or f"exited {rc}"))
+            new.append(d.record("failed", error=err, exit=rc, run=run_id, time=landing.utc_now()))
+            continue
+        man, prev = read_json(dest / "_MANIFEST.json"), previous.get(d.path)
+        new.append(d.record("scored", output=landing.output_name(d), rows=int(man["rows"]),
+                            model=(man.get("model") or {}).get("name"), run=run_id, time=landing.utc_now(),
+                            model_version=(man.get("model") or {}).get("version"),
+                            replaces=prev["sha256"] if prev else None))
+        what = f"re-scored (content changed, was sha256 {prev['sha256'][:12]})" if prev else "scored"
+        say.append(f"  {what} {d.path}: {man['rows']} rows -> {dest}")
+    landing.append_ledger(root / landing.LEDGER, new)
+    records += new
+    index = landing.build_index(landing.scored_state(records), str(zone), landing.utc_now())
+    if not landing.same_index(landing.read_index(root / landing.INDEX), index):
+        landing.publish_index(root / landing.INDEX, index)
+        say.append(f"  published {root / landing.INDEX}: {len(index['inputs'])} input(s), {index['rows']} rows")
+    if not plan.todo:
+        say.append(f"  nothing new to score: every input of {zone} is scored ({landing.INDEX} unchanged)")
+    print("\n".join(say), flush=True)
+    if failed:
+        print(f"schedule {name}: {len(failed)} input(s) of {zone} could not be scored (the others were; "
+              f"{landing.INDEX} lists only complete outputs):\n" + "\n".join(
+                  f"  FAILED {d.path}: {err}" + ("; the index keeps its previous scoring" if d.path in previous
+                                                 else "") for d, _, err in failed), file=sys.stderr, flush=True)
+        raise SystemExit(2 if all(rc == 2 for _, rc, _ in failed) else 1)
+    return root / landing.INDEX
 
 
 def _main(argv: list[str] | None = None) -> int:
@@ -361,7 +482,11 @@ def _main(argv: list[str] | None = None) -> int:
     p.add_argument("--ntasks", type=int, default=1)
     p.add_argument("--no-mpi", dest="mpi", action="store_false")
     a = p.parse_args(argv)
-    run_scheduled(a.name, a.model, a.input, a.output, a.ntasks, a.mpi, a.registry)
+    try:
+        run_scheduled(a.name, a.model, a.input, a.output, a.ntasks, a.mpi, a.registry)
+    except ValueError as e:
+        print(f"schedule {a.name}: error: {e}", file=sys.stderr, flush=True)
+        return 2
     return 0
 
 

@@ -1,12 +1,15 @@
 """Model families behind a name -> builder registry.
 
 A family is a function ``builder(cfg, schema) -> nn.Module`` decorated with
-``@register_model("name", config=CfgDataclass, task="classification")``. A user adds a model in
+``@register_model("name", config=CfgDataclass, task="classification")`` (or a tuple of tasks, the
+first being the default: ``mlp`` trains ``("classification", "regression")``, the data's task
+deciding, ``schema["task"]``). A user adds a model in
 their own module (named in the training config's ``imports:`` list) without touching the trainer.
 
 ``schema`` is the data manifest's fields plus the facts a model needs:
 ``{"fields": {name: {"dtype": str, "shape": [...]}}, "num_classes": C, "num_users": U,
-"num_items": I}`` (the last two for ratings). ``forward(batch)`` returns logits ``[B, C]`` for
+"num_items": I}`` (the last two for ratings), for regression ``"target": {"mean", "std"}`` (the
+training targets' statistics: ``hpc.models.regression``). ``forward(batch)`` returns logits ``[B, C]`` for
 classification and predictions ``[B]`` for ratings/regression.
 """
 
@@ -22,29 +25,31 @@ from torch import nn
 from hpc.util.typed import from_dict, to_dict
 
 TASKS = ("classification", "ratings", "regression")
-_BUILTIN = ("logistic", "softmax", "mlp", "cnn", "mf")
+_BUILTIN = ("logistic", "linear", "softmax", "mlp", "cnn", "mf")
 
 
 @dataclasses.dataclass(frozen=True)
 class _Entry:
     builder: Callable[[Any, dict], nn.Module]
     config: type
-    task: str
+    tasks: tuple[str, ...]    # what it trains; the first is its default
 
 
 _REGISTRY: dict[str, _Entry] = {}
 _loaded = False
 
 
-def register_model(name: str, *, config: type, task: str = "classification"):
-    """Decorator registering ``builder(cfg, schema)`` under ``name`` with its config dataclass."""
-    assert task in TASKS, task
+def register_model(name: str, *, config: type, task: str | tuple[str, ...] = "classification"):
+    """Decorator registering ``builder(cfg, schema)`` under ``name`` with its config dataclass and
+    the task(s) it trains (a tuple: the data's task decides, the first is the default)."""
+    tasks = (task,) if isinstance(task, str) else tuple(task)
+    assert tasks and all(t in TASKS for t in tasks), task
     assert dataclasses.is_dataclass(config), config
 
     def deco(builder):
         if name in _REGISTRY and _REGISTRY[name].builder is not builder:
             raise ValueError(f"model family {name!r} is already registered")
-        _REGISTRY[name] = _Entry(builder, config, task)
+        _REGISTRY[name] = _Entry(builder, config, tasks)
         return builder
 
     return deco
@@ -71,8 +76,17 @@ def _entry(family: str) -> _Entry:
     return _REGISTRY[family]
 
 
-def task_of(family: str) -> str:
-    return _entry(family).task
+def task_of(family: str, data_task: str | None = None) -> str:
+    """The task ``family`` trains on data of ``data_task`` (None: the family's default task).
+    ValueError naming the families that do train ``data_task`` when this one does not."""
+    tasks = _entry(family).tasks
+    if data_task is None:
+        return tasks[0]
+    if data_task not in tasks:
+        fit = [f for f in list_models() if data_task in _REGISTRY[f].tasks]
+        raise ValueError(f"model.family={family!r} trains {' or '.join(tasks)}, but the data's task is "
+                         f"{data_task}; families for {data_task}: {', '.join(fit) or 'none registered'}")
+    return data_task
 
 
 def model_config(family: str, config: dict | None, where: str = "model.config") -> Any:
@@ -86,10 +100,11 @@ def default_config(family: str) -> dict:
 
 def build_model(family: str, config: dict | None, schema: dict) -> nn.Module:
     entry = _entry(family)
+    task = task_of(family, schema.get("task"))
     cfg = model_config(family, config)
     model = entry.builder(cfg, schema)
     model.family = family
-    model.task = entry.task
+    model.task = task
     return model
 
 

@@ -1,4 +1,7 @@
-"""Multi-layer perceptron: [Linear -> norm -> bias+act -> dropout] x N -> Linear head."""
+"""Multi-layer perceptron: [Linear -> norm -> bias+act -> dropout] x N -> Linear head.
+
+Classification: logits ``[B, C]``. Regression (the data's task): one output in standardized target
+units, returned in the target's units (``hpc.models.regression``)."""
 
 from __future__ import annotations
 
@@ -10,8 +13,9 @@ from torch import nn
 
 from hpc.models import ops
 from hpc.models._layers import BiasAct, LayerNorm
-from hpc.util.typed import require
 from hpc.models.families import num_features, register_model, schema_int
+from hpc.models.regression import TargetScale, is_regression
+from hpc.util.typed import require
 
 
 @dataclass
@@ -50,17 +54,22 @@ class _Block(nn.Module):
 
 
 class MLP(nn.Module):
-    def __init__(self, d_in: int, n_out: int, cfg: MLPConfig):
+    def __init__(self, d_in: int, n_out: int, cfg: MLPConfig, scale: TargetScale | None = None):
         super().__init__()
         self.input = cfg.input
         dims = [d_in, *cfg.widths]
         self.blocks = nn.Sequential(*(_Block(a, b, cfg) for a, b in zip(dims[:-1], dims[1:])))
         self.head = BiasAct(dims[-1], n_out, act="none")
+        self.scale = scale  # regression: standardized output -> the target's units
 
     def forward(self, batch: dict) -> torch.Tensor:
-        return self.head(self.blocks(batch[self.input].flatten(1)))
+        out = self.head(self.blocks(batch[self.input].flatten(1)))
+        return out if self.scale is None else self.scale(out)
 
 
-@register_model("mlp", config=MLPConfig, task="classification")
+@register_model("mlp", config=MLPConfig, task=("classification", "regression"))
 def build(cfg: MLPConfig, schema: dict) -> nn.Module:
-    return MLP(num_features(schema, cfg.input), schema_int(schema, "num_classes"), cfg)
+    d_in = num_features(schema, cfg.input)
+    if is_regression(schema):
+        return MLP(d_in, 1, cfg, TargetScale(schema))
+    return MLP(d_in, schema_int(schema, "num_classes"), cfg)

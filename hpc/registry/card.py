@@ -69,7 +69,10 @@ def card_from_run(run_dir: Path, source: str) -> tuple[dict, Path]:
         "schema": schema,
         "stats": stats,
         "normalization": {"enabled": enabled,
-                          "stats": input_stats(schema, stats) if enabled else {}},
+                          "stats": input_stats(schema, stats) if enabled else {},
+                          # Regression: the training targets' mean/std (schema["target"]); the model
+                          # predicts z * std + mean, in the target's units (hpc.models.regression).
+                          **({"target": schema["target"]} if schema.get("target") else {})},
         "metrics": summary.get("metrics") or {},
         "training_config": training_config,
         "data": {"dir": data.get("dir"), "manifest_sha256": data.get("manifest_sha256")},

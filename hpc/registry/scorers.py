@@ -23,6 +23,7 @@ import importlib
 import json
 from typing import Any
 
+import numpy as np
 import torch
 from safetensors.torch import load as load_safetensors
 from torch import nn
@@ -36,6 +37,10 @@ from hpc.registry.layout import META, WEIGHTS, Ref, read_verified
 def probabilities(task: str, out: torch.Tensor) -> torch.Tensor:
     """A model's raw output -> what batch inference reports (softmax for classification)."""
     return torch.softmax(out.float(), dim=-1) if task == "classification" else out.float().reshape(-1)
+
+
+def _tensor(x: Any) -> Any:
+    return torch.from_numpy(np.ascontiguousarray(x)) if isinstance(x, np.ndarray) else x
 
 
 def training_stats(card: dict) -> dict:
@@ -55,7 +60,8 @@ class Single(nn.Module):
     def prepare(self, batch: dict[str, torch.Tensor], cache: dict | None = None) -> dict[str, torch.Tensor]:
         if cache is not None and self.stats_key in cache:
             return cache[self.stats_key]
-        out = {k: self._norm(k, v) for k, v in batch.items()}
+        # numpy arrays (hpc.load(...).predict, a user's batch) become tensors like the reader's.
+        out = {k: _tensor(self._norm(k, v)) for k, v in batch.items()}
         if cache is not None:
             cache[self.stats_key] = out
         return out

@@ -7,6 +7,9 @@ which adds what depends on the launch: the Slurm requeue after a preemption or a
 
 from __future__ import annotations
 
+import sys
+import types
+
 
 def run(config, overrides=(), data=None, on_hang=None) -> dict:
     """Train one run on this rank; returns the run summary (``summary.json``'s content).
@@ -25,3 +28,11 @@ def run(config, overrides=(), data=None, on_hang=None) -> dict:
 
 
 __all__ = ["run"]
+
+
+class _Package(types.ModuleType):
+    def __call__(self, *args, **kwargs):  # the Python API's hpc.train(...) is hpc.train.run(...)
+        return self.run(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _Package

@@ -29,7 +29,13 @@ class AllRanksError(ValueError):
 
 @dataclass
 class DataConfig:
-    dir: str = ""                      # holds train/ val/ test/ split directories
+    dir: str | None = ""               # holds train/ val/ test/ split directories (the shorthand; null: none)
+    # Any split directory (one with manifest.json), wherever it is: a lab's fd/ + fd-test/ as they
+    # are. Each given key wins over DIR/<split>; a val/test split that is neither given nor present
+    # under DIR is simply absent (no validation: the best model is the last).
+    train: str | None = None
+    val: str | None = None
+    test: str | None = None
     batch_size: int = 64               # GLOBAL batch: split evenly over the ranks
     eval_batch_size: int = 0           # global; 0 = batch_size
     shuffle: bool = True
@@ -44,7 +50,12 @@ class DataConfig:
     targets_from: str | None = None     # .npy of per-row targets (boosting on residuals)
 
     def check(self, where: str) -> None:
-        require(bool(self.dir), f"{where}.dir", "is required (a directory made by `hpc data shard|synth`)")
+        require(bool(self.dir) or bool(self.train), f"{where}.dir",
+                "is required (a directory made by `hpc data shard|synth`, holding train/ and optionally "
+                "val/ test/), unless data.train names the training split directory itself")
+        for split in ("train", "val", "test"):
+            require(getattr(self, split) != "", f"{where}.{split}",
+                    "is empty: give a split directory (one with manifest.json), or null for DIR/" + split)
         require(self.batch_size > 0, f"{where}.batch_size", f"must be > 0, got {self.batch_size}")
         require(self.eval_batch_size >= 0, f"{where}.eval_batch_size", "must be >= 0")
         require(self.prefetch >= 0, f"{where}.prefetch", "must be >= 0")

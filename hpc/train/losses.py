@@ -2,7 +2,9 @@
 
 ``pred`` is the model's output: logits ``[B, C]`` for classification, predictions ``[B]`` for
 ratings/regression (``B``: this rank's batch). A model may define ``loss(pred, batch)`` per sample
-(as ``mf`` does); otherwise softmax cross-entropy (through ``hpc.models.ops``) or squared error.
+(as ``mf`` does); otherwise softmax cross-entropy (through ``hpc.models.ops``) or squared error;
+for regression the squared error in standardized target units, ``((pred - y) / std) ** 2`` with the
+training targets' std the model scales its output by (``hpc.models.regression``).
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 import torch
 
 from hpc.models import ops
+from hpc.models.regression import target_std
 from hpc.train.inputs import TARGET
 
 
@@ -20,7 +23,10 @@ def per_sample_loss(model: torch.nn.Module, task: str, pred: torch.Tensor, batch
     y = batch[TARGET[task]]
     if task == "classification":
         return ops.softmax_cross_entropy(pred.float(), y, reduction="none")
-    return (pred.float() - y.float()) ** 2
+    err = pred.float() - y.float()
+    if task == "regression":
+        err = err / target_std(model)
+    return err ** 2
 
 
 def train_loss(model: torch.nn.Module, task: str, weighted: bool, pred: torch.Tensor, batch: dict) -> torch.Tensor:

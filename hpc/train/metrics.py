@@ -1,7 +1,9 @@
 """Evaluation metrics accumulated as sums on each rank and all-reduced once (one float64 vector).
 
 Classification: loss, accuracy, top-5 accuracy (more than 5 classes), AUC (2 classes).
-Ratings/regression: loss, RMSE (and AUC for implicit-feedback BCE models).
+Ratings/regression: loss, RMSE (and AUC for implicit-feedback BCE models); given the training
+targets' mean, also ``rmse_train_mean``: the RMSE of predicting that mean for every row, the
+baseline a model's RMSE must beat.
 Padding samples (weight 0) count nowhere. AUC comes from score histograms (``AUC_BINS`` bins over
 [0, 1]) so it all-reduces in fixed memory; samples in the same bin count as ties (1/2), which
 bounds the error by the fraction of positive/negative pairs sharing a bin (tiny at 4096 bins).
@@ -29,12 +31,14 @@ def auc_from_histograms(pos: torch.Tensor, neg: torch.Tensor) -> float:
 class MetricSums:
     """Per-rank running sums for one evaluation pass; ``reduce(comm)`` gives the global metrics."""
 
-    def __init__(self, task: str, num_classes: int = 0, binary_scores: bool = False):
+    def __init__(self, task: str, num_classes: int = 0, binary_scores: bool = False,
+                 target_mean: float | None = None):
         self.task, self.num_classes = task, num_classes
         self.top5 = task == "classification" and num_classes > 5
         self.auc = binary_scores or (task == "classification" and num_classes == 2)
-        # [weight, loss, correct, top5, squared error]
-        self.sums = torch.zeros(5, dtype=torch.float64)
+        self.target_mean = None if task == "classification" else target_mean
+        # [weight, loss, correct, top5, squared error, squared error of the training mean]
+        self.sums = torch.zeros(6, dtype=torch.float64)
         self.pos = torch.zeros(AUC_BINS, dtype=torch.float64) if self.auc else None
         self.neg = torch.zeros(AUC_BINS, dtype=torch.float64) if self.auc else None
 
@@ -56,6 +60,8 @@ class MetricSums:
             label = t == 1
         else:
             s[4] += (((pred.double() - target.double()) ** 2) * w).sum()
+            if self.target_mean is not None:
+                s[5] += (((self.target_mean - target.double()) ** 2) * w).sum()
             score = torch.sigmoid(pred) if self.auc else None
             label = target > 0.5
         if self.auc:
@@ -71,7 +77,7 @@ class MetricSums:
             comm.allreduce_(flat)
         else:  # the sums live on the CPU; a backend that reduces device tensors (NCCL) gets a copy
             flat = comm.allreduce_(flat.to(dev)).cpu()
-        sums = flat[:5]
+        sums = flat[:6]
         n = float(sums[0])
         out: dict[str, float] = {"samples": n}
         if n == 0:
@@ -83,8 +89,10 @@ class MetricSums:
                 out["top5"] = float(sums[3]) / n
         else:
             out["rmse"] = math.sqrt(float(sums[4]) / n)
+            if self.target_mean is not None:
+                out["rmse_train_mean"] = math.sqrt(float(sums[5]) / n)
         if self.auc:
-            out["auc"] = auc_from_histograms(flat[5:5 + AUC_BINS], flat[5 + AUC_BINS:])
+            out["auc"] = auc_from_histograms(flat[6:6 + AUC_BINS], flat[6 + AUC_BINS:])
         return out
 
 

@@ -25,7 +25,7 @@ from hpc.models.families import build_model, task_of
 from hpc.registry import Registry, default_root
 from hpc.train.checks import check_precision, per_rank_batch
 from hpc.train.config import AllRanksError, TrainConfig, dump_yaml, load_config
-from hpc.train.inputs import Data
+from hpc.train.inputs import Data, split_dirs
 from hpc.train.metrics import samples_per_s
 from hpc.train.rundir import agree_run_dir, close_logging, setup_logging
 from hpc.train.state import Outcome
@@ -81,12 +81,29 @@ def preflight(cfg: TrainConfig, world_size: int) -> None:
     """Check what would otherwise fail after the ranks started: the data and the model's fit to it."""
     check_precision(cfg.train.precision, cuda=torch.cuda.is_available())
     per_rank_batch(cfg.data.batch_size, world_size)
-    manifest = load_manifest(Path(cfg.data.dir) / "train")
-    task = task_of(cfg.model.family)
-    if manifest.task != task:
-        raise ValueError(f"model.family={cfg.model.family!r} is a {task} model but {cfg.data.dir} holds "
-                         f"{manifest.task} data")
+    train_dir = split_dirs(cfg.data)["train"]  # every named split exists (ValueError naming the key)
+    manifest = load_manifest(train_dir)
+    check_labels(split_dirs(cfg.data), manifest)
+    try:
+        task_of(cfg.model.family, manifest.task)
+    except ValueError as e:
+        raise ValueError(f"{e} ({train_dir})") from None
     build_model(cfg.model.family, cfg.model.config, manifest.schema())
+
+
+def check_labels(dirs: dict[str, Path], train) -> None:
+    """Every split has labels, and no evaluation split has a class the model would have no output
+    for (it would fail after training); ValueError naming the split."""
+    for split, d in dirs.items():
+        m = train if split == "train" else load_manifest(d)
+        if not m.labeled:
+            raise ValueError(f"{d}: an unlabeled split (data.{split}; sharded without --label or indexed "
+                             "without --y): nothing to train or evaluate on. `hpc infer` scores it; shard "
+                             "labeled rows (--label COL) for training")
+        if split != "train" and (m.num_classes or 0) > (train.num_classes or 0) and train.num_classes:
+            raise ValueError(f"{d}: has {m.num_classes} classes but the training split {dirs['train']} "
+                             f"{train.num_classes}, so the model would have no output for the others; "
+                             "shard the splits together, or state the classes (--num-classes N / --labels)")
 
 
 def summarize(t: Trainer, outcome: Outcome) -> dict:

@@ -63,7 +63,7 @@ class Trainer:
         ops.set_kernels(cfg.kernels)
         _seed_everything(cfg.seed)
         self.data = data or load_data(cfg, self.rank, self.world)
-        self.family, self.task = cfg.model.family, task_of(cfg.model.family)
+        self.family, self.task = cfg.model.family, task_of(cfg.model.family, self.data.schema.get("task"))
         # Batches weigh samples other than 1 (padded tails, ensemble row weights): the loss uses them.
         self._weighted = cfg.data.remainder != "drop" or cfg.data.sample_weights is not None
         self.model = build_model(self.family, cfg.model.config, self.data.schema).to(self.device)
@@ -246,7 +246,8 @@ class Trainer:
         """Global metrics over a split (sums all-reduced once; padding has weight 0)."""
         self.model.eval()
         binary = getattr(getattr(self.model, "cfg", None), "loss", None) == "bce"
-        sums = MetricSums(self.task, int(self.data.schema.get("num_classes") or 0), binary_scores=binary)
+        sums = MetricSums(self.task, int(self.data.schema.get("num_classes") or 0), binary_scores=binary,
+                          target_mean=(self.data.schema.get("target") or {}).get("mean"))
         for batch in reader:
             batch = self._to_device(batch)
             with self._autocast():

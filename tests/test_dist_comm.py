@@ -121,10 +121,11 @@ def test_static_rendezvous_rules():
 
 def test_mpiexec_command_and_env():
     cmd = mpiexec_command(4, ["train", "c.yaml"], "/x/mpiexec", cores=2)
-    assert cmd == ["/x/mpiexec", "-n", "4", "--oversubscribe", sys.executable, "-m", "hpc", "train", "c.yaml"]
+    assert cmd == ["/x/mpiexec", "-n", "4", "--oversubscribe", sys.executable,
+                   *(["-P"] if sys.version_info >= (3, 11) else []), "-m", "hpc", "train", "c.yaml"]
     assert "--oversubscribe" not in mpiexec_command(2, [], "/x/mpiexec", cores=2)
     env = launch_env(4, 2, {"PATH": "/bin"})
-    assert env["OMP_NUM_THREADS"] == "1"
+    assert env["OMP_NUM_THREADS"] == "1" and env["PYTHONSAFEPATH"] == "1"
     assert launch_env(2, 16, {"OMP_NUM_THREADS": "3"})["OMP_NUM_THREADS"] == "3"
     if os.geteuid() == 0:
         assert env["OMPI_ALLOW_RUN_AS_ROOT"] == "1"

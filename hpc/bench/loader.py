@@ -14,6 +14,7 @@ image data set of each ``--rss-gb`` size (generated chunk by chunk, then deleted
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -47,6 +48,8 @@ def register(sub) -> None:
     p.add_argument("--compact-samples", type=int, default=20000,
                    help="images copied to uint8 and float32 shard sets (in --rss-dir) for the compact-dtype "
                         "rows; 0 to skip")
+    p.add_argument("--integrity-samples", type=int, default=20000,
+                   help="rows copied (whole shards) plain and with fletcher32 for the content-check rows; 0 to skip")
     p.set_defaults(func=run)
 
 
@@ -76,10 +79,12 @@ def _raw(m, bufs: dict) -> tuple[int, int, float]:
     return n, nbytes, time.perf_counter() - t0
 
 
-def _reader(split: Path, batch_size: int, direct_io: bool = True, normalize: bool = False) -> tuple[int, float]:
+def _reader(split: Path, batch_size: int, direct_io: bool = True, normalize: bool = False,
+            verify: bool = True) -> tuple[int, float]:
     from hpc.data import StreamingReader
 
-    r = StreamingReader(split, 0, 1, batch_size, seed=0, normalize=normalize, remainder="pad", direct_io=direct_io)
+    r = StreamingReader(split, 0, 1, batch_size, seed=0, normalize=normalize, remainder="pad", direct_io=direct_io,
+                        verify=verify)
     t0, n = time.perf_counter(), 0
     for b in r:
         n += int(b["weight"].count_nonzero())
@@ -215,6 +220,62 @@ def _compact(m, args) -> dict | None:
         shutil.rmtree(root, ignore_errors=True)
 
 
+def _checksum_copies(m, root: Path, samples: int) -> dict:
+    """Whole shards of ``m`` (up to ``samples`` rows) copied twice, same chunks: plain and with
+    HDF5's fletcher32 filter (a checksum per chunk, checked by HDF5 on every read)."""
+    import h5py
+
+    from hpc.data.manifest import write_manifest
+    from hpc.util.io import sha256_file
+
+    out = {}
+    for kind in ("plain", "fletcher32"):
+        d = root / kind
+        d.mkdir(parents=True)
+        shards, n = [], 0
+        for i, info in enumerate(m.shards):
+            if n >= samples:
+                break
+            dst = d / Path(info.file).name
+            with h5py.File(m.shard_path(i), "r") as f, h5py.File(dst, "w") as g:
+                for name, dpath in info.datasets.items():
+                    src = f[dpath]
+                    g.create_dataset(dpath, data=src[:info.samples], chunks=src.chunks or True,
+                                     fletcher32=kind == "fletcher32")
+            shards.append(dataclasses.replace(info, file=dst.name, bytes=dst.stat().st_size, sha256=sha256_file(dst)))
+            n += info.samples
+        copy = dataclasses.replace(m, shards=shards, path=None, sha256=None, class_counts=None)  # a subset
+        write_manifest(d, copy)
+        out[kind] = d
+    return out
+
+
+def _integrity(m, args) -> dict | None:
+    """Reader samples/s with no content check, with the per-epoch sha256 pass (the default), and
+    on a fletcher32 copy (HDF5 checks each chunk; no os.preadv then); same rows, interleaved."""
+    if args.integrity_samples <= 0:
+        return None
+    root = Path(tempfile.mkdtemp(prefix="hpc-integrity-", dir=args.rss_dir))
+    try:
+        sets = _checksum_copies(m, root, args.integrity_samples)
+        cases = {"preadv, no check": (sets["plain"], True, False),
+                 "preadv + sha256 per epoch": (sets["plain"], True, True),
+                 "hdf5 io, no check": (sets["plain"], False, False),
+                 "hdf5 io + fletcher32": (sets["fletcher32"], False, False)}
+        best = {k: float("inf") for k in cases}
+        for k, (d, direct, verify) in cases.items():  # warm-up
+            n, _ = _reader(d, args.batch_size, direct_io=direct, normalize=True, verify=verify)
+        for _ in range(args.repeat):
+            for k, (d, direct, verify) in cases.items():
+                n, t = _reader(d, args.batch_size, direct_io=direct, normalize=True, verify=verify)
+                best[k] = min(best[k], t)
+        base = n / best["preadv, no check"]
+        return {k: {"samples": n, "seconds": best[k], "samples_per_s": n / best[k],
+                    "vs_no_check": n / best[k] / base} for k in cases}
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
 def run(args) -> int:
     from hpc.data import load_manifest
 
@@ -264,6 +325,14 @@ def run(args) -> int:
              [[d, compact[d]["x_bytes_per_sample"], compact[d]["samples"], compact[d]["seconds"],
                compact[d]["samples_per_s"], compact[d]["mb_per_s"],
                compact[d]["samples_per_s"] / compact["float32"]["samples_per_s"]] for d in ("float32", "uint8")],
+             result, None)
+    integrity = _integrity(m, args)
+    if integrity is not None:
+        result["integrity"] = integrity
+        emit(f"content checks: the reader on a copy of {next(iter(integrity.values()))['samples']} rows, "
+             f"normalized, load average {os.getloadavg()[0]:.1f}",
+             ["reader", "samples", "seconds", "samples/s", "vs no check"],
+             [[k, v["samples"], v["seconds"], v["samples_per_s"], v["vs_no_check"]] for k, v in integrity.items()],
              result, None)
     sizes = [float(s) for s in args.rss_gb.split(",") if s.strip()]
     if sizes:

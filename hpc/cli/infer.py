@@ -4,6 +4,7 @@ once (docs/infer.md)."""
 from __future__ import annotations
 
 import argparse
+import os
 
 from hpc.dist import launch_local, world_from_env
 from hpc.util.progress import progress_interval_s
@@ -34,10 +35,17 @@ def add_infer_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--allow-unpromoted", action="store_true",
                    help="accept a version no alias points to")
     p.add_argument("--overwrite", action="store_true",
-                   help="replace an output directory written by another model, input or settings")
+                   help="replace an output directory written by another model, input or settings, or "
+                        "holding output-named files (part-*, _SUCCESS, ...) without hpc infer's _JOB.json: "
+                        "removes those files and names them")
+    p.add_argument("--allow-nonfinite", action="store_true",
+                   help="publish NaN/inf predictions (refused by default, naming the partition)")
     p.add_argument("--registry", metavar="DIR", default=None,
                    help="registry root (default: $HPC_REGISTRY or ./registry)")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    p.add_argument("--trust-plugin", action="append", default=[], metavar="MODULE",
+                   help="import MODULE named by a card's training config even if it is not an installed "
+                        "module (e.g. it lies in the working directory); docs/registry.md")
 
 
 def config_from_args(args):
@@ -47,7 +55,8 @@ def config_from_args(args):
     return InferConfig(model=args.model, input=args.input, output=args.output, format=args.format,
                        batch_size=args.batch_size, top_k=args.top_k, combine=args.combine,
                        allow_unpromoted=args.allow_unpromoted, overwrite=args.overwrite,
-                       registry=args.registry, device=args.device)
+                       registry=args.registry, device=args.device,
+                       allow_nonfinite=args.allow_nonfinite)
 
 
 def parse_infer_args(argv: list[str]):
@@ -62,10 +71,18 @@ def parse_infer_args(argv: list[str]):
     return config_from_args(args), args.nproc
 
 
+def trust_plugins_from_args(args) -> None:
+    """--trust-plugin: through the environment, so the ranks mpiexec starts inherit it."""
+    names = [m for m in getattr(args, "trust_plugin", None) or [] if m]
+    if names:
+        os.environ["HPC_TRUST_PLUGINS"] = ",".join(names)
+
+
 def run(args) -> int:
     from hpc.launch.tasks import infer_argv
 
     cfg = config_from_args(args)  # validate before starting ranks
+    trust_plugins_from_args(args)
     progress_interval_s()  # here, where every rank checks it alike: only rank 0 reports progress
     if args.nproc < 1:
         raise ValueError(f"--nproc {args.nproc}: must be >= 1")

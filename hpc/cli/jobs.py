@@ -42,5 +42,6 @@ def _logs(args) -> int:
 def _cancel(args) -> int:
     from hpc.launch.jobs import cancel
 
-    print(cancel(args.job))
-    return 0
+    message = cancel(args.job)
+    print(message)
+    return 0 if "CANCELLED by Slurm" in message or "still" in message else 1

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
+from pathlib import Path
 
 from hpc.util.table import format_table
 
@@ -13,12 +15,16 @@ def register(sub) -> None:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--registry", metavar="DIR", default=None,
                         help="registry root (default: $HPC_REGISTRY or ./registry)")
+    common.add_argument("--trust-plugin", action="append", default=[], metavar="MODULE",
+                        help="import MODULE named by a card even if it is not installed (docs/registry.md)")
     p = sub.add_parser("registry", help="versioned, verified model artifacts: add, promote, list, "
                        "show, verify, diff, export")
     rsub = p.add_subparsers(dest="registry_cmd", metavar="ACTION")
     a = rsub.add_parser("add", parents=[common], help="register a run's model (or an ensemble)")
     a.add_argument("run_dir", nargs="?", help="run directory written by `hpc train`")
     a.add_argument("--name", required=True)
+    a.add_argument("--allow-unfinished", action="store_true",
+                   help="register a preempted or failed run's model anyway (refused by default)")
     a.add_argument("--from", dest="source", default="best", choices=("best", "last"),
                    help="which saved weights of the run (default: best)")
     a.add_argument("--ensemble", metavar="REFS", help="instead of RUN_DIR: comma-separated member "
@@ -68,16 +74,27 @@ def register(sub) -> None:
 def _reg(args):
     from hpc.registry import Registry
 
+    if getattr(args, "trust_plugin", None):
+        os.environ["HPC_TRUST_PLUGINS"] = ",".join(args.trust_plugin)
+
     return Registry(args.registry)
 
 
 def _add(args) -> int:
+    from hpc.registry.card import unfinished  # lazy, like _reg: keeps torch out of `hpc --help`
+
     reg = _reg(args)
     if bool(args.run_dir) == bool(args.ensemble):
         raise ValueError("give either RUN_DIR or --ensemble REFS (not both, not neither)")
     if args.ensemble:
         v = reg.add_ensemble(args.name, [r for r in args.ensemble.split(",") if r], args.combine)
     else:
+        why = unfinished(Path(args.run_dir))
+        if why is not None and not args.allow_unfinished:
+            raise ValueError(f"{why}: refusing to register it; resume the run to completion "
+                             "(resume=auto), or pass --allow-unfinished to register it anyway")
+        if why is not None:
+            print(f"WARNING: {why}; registered because of --allow-unfinished", file=sys.stderr)
         v = reg.add(args.run_dir, args.name, source=args.source)
     print(f"{reg.root}: registered {args.name}@{v}, version {v}")  # the last word is the version
     return 0

@@ -28,6 +28,7 @@ import torch
 
 from hpc.data.assemble import BatchAssembler, BufferPool
 from hpc.data.augment import Augment, batch_generator
+from hpc.data.integrity import ShardVerifier, check_split, label_problem
 from hpc.data.shardio import ShardFiles, ShardReadError, check_shards, yielded
 from hpc.data.manifest import Manifest, load_manifest
 from hpc.data.normalize import input_stats, normalizer
@@ -136,13 +137,19 @@ class StreamingReader:
                  batch_size: int = 256, seed: int = 0, shuffle: bool = True, remainder: str = "drop",
                  normalize: bool | Mapping[str, dict] = True, augment: Any = None, prefetch: int = 4,
                  shuffle_buffer_mb: float = 64.0, block_rows: int | None = None,
-                 weight_fn: Callable[[np.ndarray, int], np.ndarray] | None = None, direct_io: bool = True):
+                 weight_fn: Callable[[np.ndarray, int], np.ndarray] | None = None, direct_io: bool = True,
+                 verify: bool = True):
         """``weight_fn(row_ids, epoch) -> weights`` (optional) multiplies each sample's weight:
         the hook for bootstrap ensembles (e.g. Poisson(1) multiplicities keyed on row id).
-        ``direct_io=False`` reads everything through HDF5 instead of ``os.preadv`` (same batches)."""
+        ``direct_io=False`` reads everything through HDF5 instead of ``os.preadv`` (same batches).
+        ``verify``: hash each shard an epoch reads in a background thread against the manifest's
+        sha256 (``hpc.data.integrity``); False only for benchmarks."""
         self.manifest = load_manifest(split_dir)
         m = self.manifest
-        check_shards(m)  # missing / truncated / mis-schema shards fail here, naming the file
+        check_split(m)  # paths, duplicates, symlinks, missing / truncated / mis-schema shards, naming the file
+        self.verify = bool(verify)
+        self._opened: dict[int, tuple] = {}  # shard -> (size, mtime_ns, ctime_ns, inode) when first seen
+        self._verified: set[int] = set()     # shards whose sha256 matched earlier in this run
         if world_size < 1 or not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} / world_size {world_size}: need 0 <= rank < world_size")
         if prefetch < 0:
@@ -252,12 +259,23 @@ class StreamingReader:
             raw.close()
 
     def _raw_batches(self, epoch: int, start: int) -> Iterator[tuple[int, dict[str, np.ndarray]]]:
+        plan = self.plan(epoch)
+        ver = ShardVerifier(self.manifest, plan.segments[:, 0], self._opened, self._verified) if self.verify else None
         files = ShardFiles(self.manifest, direct=self.direct_io)
-        asm = BatchAssembler(self.manifest, self.plan(epoch), self.batch_size, start,
+        asm = BatchAssembler(self.manifest, plan, self.batch_size, start,
                              self.batches_per_epoch, self._offsets, self._pool, scatter=self.scatter)
         try:
-            yield from asm.batches(files)
+            for step, arrays in asm.batches(files):
+                if ver is not None:  # the last batch waits until every shard of the epoch verified
+                    ver.finish() if step == self.batches_per_epoch - 1 else ver.check()
+                if "y" in arrays:
+                    problem = label_problem(self.manifest, arrays["y"], arrays["row_id"], self._offsets)
+                    if problem:
+                        raise ShardReadError(problem)
+                yield step, arrays
         finally:
+            if ver is not None:
+                ver.close()
             files.close()
 
     def _finish(self, arrays: dict[str, np.ndarray], epoch: int, step: int) -> dict[str, torch.Tensor]:

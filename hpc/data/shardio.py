@@ -79,7 +79,7 @@ def check_shards(m: Manifest, schema: bool = True) -> None:
                     elif ds.dtype.name != spec.dtype or tuple(ds.shape[1:]) != spec.shape:
                         problems.append(f"{path}:{dpath} is {ds.dtype}{list(ds.shape[1:])}, manifest "
                                         f"says {spec.dtype}{list(spec.shape)} (field {name!r})")
-                    elif ds.shape[0] < info.samples:
+                    elif ds.shape[0] != info.samples:  # fewer: truncated; more: a lowered count hides rows
                         problems.append(f"{path}:{dpath} has {ds.shape[0]} rows, manifest says "
                                         f"{info.samples} (field {name!r})")
         except OSError as e:

@@ -13,6 +13,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
+from hpc.data.integrity import path_problems
 from hpc.data.manifest import MANIFEST_NAME, Manifest, load_manifest
 from hpc.util.io import sha256_file
 from hpc.util.progress import Progress
@@ -64,7 +65,7 @@ def verify(split_dir: str | os.PathLike, checksums: bool = True,
         m = load_manifest(split_dir)
     except ValueError as e:
         return [str(e)], 0
-    problems: list[str] = []
+    problems: list[str] = path_problems(m)  # outside the split directory, listed twice, symlinks
     where = m.path / MANIFEST_NAME
     counts = None
     if m.task == "classification" and m.class_counts is not None:

@@ -27,7 +27,11 @@ def mpiexec_command(nproc: int, argv: Sequence[str], mpiexec: str, cores: int) -
     cmd = [mpiexec, "-n", str(nproc)]
     if nproc > cores:
         cmd.append("--oversubscribe")
-    return cmd + [sys.executable, "-m", "hpc", *argv]
+    # -P (3.11+; PYTHONSAFEPATH in launch_env too): `python -m` would otherwise put the working
+    # directory first on sys.path, so a `plugin.py` there (say, inside a registry copy) would be
+    # imported instead of an installed module.
+    safe = ["-P"] if sys.version_info >= (3, 11) else []
+    return cmd + [sys.executable, *safe, "-m", "hpc", *argv]
 
 
 def launch_env(nproc: int, cores: int, env: Mapping[str, str] | None = None) -> dict[str, str]:
@@ -36,6 +40,7 @@ def launch_env(nproc: int, cores: int, env: Mapping[str, str] | None = None) -> 
     N x cores threads time-share the cores)."""
     out = dict(os.environ if env is None else env)
     out.update(mpi_env_for_root(out))
+    out["PYTHONSAFEPATH"] = "1"   # ranks never import from the working directory (see mpiexec_command)
     out.setdefault("OMP_NUM_THREADS", str(max(1, cores // nproc)))
     return out
 

@@ -23,10 +23,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
+from hpc.util.names import check_name
 from hpc.util.typed import from_dict, read_yaml_mapping, require
 
 METHODS = ("bagging", "boosting", "stacking")
-_NAME_CHARS = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._-")
 
 
 @dataclass
@@ -98,8 +98,7 @@ class EnsembleSpec:
     path: str | None = None             # the file it was read from (set by load_spec)
 
     def check(self, where: str) -> None:
-        require(bool(self.name) and set(self.name) <= _NAME_CHARS and self.name[0].isalnum(),
-                f"{where}.name", f"must be a registry name (letters, digits, . _ -), got {self.name!r}")
+        check_name(self.name, f"{where}.name")
         require(bool(self.base), f"{where}.base", "is required: the training config every member starts from")
         for other in METHODS:
             require(other == self.method or getattr(self, other) is None, f"{where}.{other}",

@@ -33,6 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+import numpy as np
 import torch
 
 from hpc.data.partition import assign_shards
@@ -69,6 +70,7 @@ class InferConfig:
     allow_unpromoted: bool = False
     overwrite: bool = False
     registry: str | None = None
+    allow_nonfinite: bool = False   # publish NaN/inf predictions (refused by default)
     prefetch: int = 4               # batches read ahead of compute
     device: str = "auto"            # auto (cuda if available) | cpu | cuda
 
@@ -98,10 +100,16 @@ class InferConfig:
 
 
 # ------------------------------------------------------------------------------ model and input
-def load_scorer(cfg: InferConfig, device: str = "cpu") -> tuple[Any, dict]:
-    """(scorer, record): the scorer to run and what the outputs/manifest say about the model(s)."""
+def load_scorer(cfg: InferConfig, device: str = "cpu", pinned: list[str] | None = None) -> tuple[Any, dict]:
+    """(scorer, record): the scorer to run and what the outputs/manifest say about the model(s).
+
+    ``pinned``: the NAME@VERSION rank 0 resolved each reference to (and checked promoted then):
+    the other ranks load exactly those, so a promotion while the job starts cannot split them."""
     reg = Registry(cfg.registry)
-    loaded = [reg.load_scorer(r, cfg.allow_unpromoted, device) for r in cfg.refs]
+    if pinned is not None:
+        loaded = [reg.load_scorer(r, True, device) for r in pinned]
+    else:
+        loaded = [reg.load_scorer(r, cfg.allow_unpromoted, device) for r in cfg.refs]
     cards = [c for _, c in loaded]
     pinned = [{"ref": r, "name": c["name"], "version": c["version"], "model_json_sha256": c["sha256"],
                "kind": c["kind"], "members": c.get("members")} for r, c in zip(cfg.refs, cards)]
@@ -123,8 +131,34 @@ def load_scorer(cfg: InferConfig, device: str = "cpu") -> tuple[Any, dict]:
 def preflight(cfg: InferConfig) -> None:
     """What `hpc infer --nproc N` checks before it starts ranks (a ValueError: exit 2): the model(s)
     load and verify, and the input fits them (a split's schema, a table's columns)."""
+    check_output(cfg.output)
     scorer, model_rec = load_scorer(cfg, "cpu")
     check_before_start(cfg.input, scorer, model_rec)
+
+
+def check_output(output: str) -> None:
+    """--output must be a directory or a new path (ValueError: exit 2, not a traceback)."""
+    out = Path(output)
+    for p in (out, *out.parents):
+        if p.exists():
+            if not p.is_dir():
+                raise ValueError(f"--output {output}: {p} is a file, not a directory; give a new or "
+                                 "empty directory")
+            return
+
+
+def check_finite(cols: dict, where: str) -> None:
+    """Refuse to publish non-finite predictions (ValueError naming the partition and the count)."""
+    bad = None
+    for k in ("prediction", "probabilities", "top_k_probs"):
+        v = cols.get(k)
+        if isinstance(v, np.ndarray) and v.dtype.kind == "f":
+            rows = ~np.isfinite(v.reshape(len(v), -1)).all(axis=1)
+            bad = rows if bad is None else bad | rows
+    n = int(bad.sum()) if bad is not None else 0
+    if n:
+        raise ValueError(f"{where}: {n} of {len(bad)} row(s) have non-finite (NaN/inf) predictions; "
+                         "not published (pass --allow-nonfinite to write them anyway)")
 
 
 # ------------------------------------------------------------------------------ the job
@@ -162,18 +196,43 @@ def run(cfg: InferConfig, comm=None, log: Callable[[str], None] = print, progres
 def _run(cfg: InferConfig, comm, log: Callable[[str], None], start: float, progress: bool = False) -> dict:
     world = comm.world
     device = _device(cfg, world.local_rank)
-    scorer, model_rec = load_scorer(cfg, str(device))
+    # Rank 0 resolves NAME@ALIAS once; every other rank loads the pinned NAME@VERSION it broadcasts.
+    pins = None
+    if world.is_main:
+        try:
+            check_output(cfg.output)
+            scorer, model_rec = load_scorer(cfg, str(device))
+            pins = ("ok", [f"{m['name']}@{m['version']}" for m in model_rec["models"]])
+        except ValueError as e:
+            pins = ("error", str(e))
+    pins = comm.broadcast_object(pins, root=0)
+    if pins[0] == "error":
+        raise ValueError(pins[1])
+    if not world.is_main:
+        scorer, model_rec = load_scorer(cfg, str(device), pinned=pins[1])
     source = open_input(cfg.input, scorer, model_rec, comm)
     job = job_identity(cfg, model_rec, source)
     job_sha = sha256_bytes(json.dumps(job, sort_keys=True, default=str).encode())
     out = Path(cfg.output)
 
-    state = None
+    state, claim = None, None
     if world.is_main:
         try:
-            state = ("ok", claim_output(out, job, cfg.overwrite))
+            status, claim = claim_output(out, job, cfg.overwrite, log)
+            state = ("ok", status)
         except ValueError as e:
             state = ("error", str(e))
+    try:
+        return _scored(cfg, comm, log, start, progress, state, scorer, model_rec, source, job, job_sha, out)
+    finally:
+        if claim is not None:
+            claim.release()
+
+
+def _scored(cfg: InferConfig, comm, log, start: float, progress: bool, state, scorer, model_rec: dict,
+            source, job: dict, job_sha: str, out: Path) -> dict:
+    world = comm.world
+    device = _device(cfg, world.local_rank)
     state = comm.broadcast_object(state, root=0)
     if state[0] == "error":
         raise ValueError(state[1])
@@ -192,6 +251,8 @@ def _run(cfg: InferConfig, comm, log: Callable[[str], None], start: float, progr
 
     def publish(shard: int, cols: dict, table_counts: dict) -> None:
         name = partition_name(shard, cfg.format)
+        if not cfg.allow_nonfinite:
+            check_finite(cols, f"{out / name} (input shard/file {shard})")
         write_partition(out / name, cfg.format, cols, meta)
         atomic_write_json(sidecar_path(out, shard), {
             "file": name, "shard": shard, "rows": len(cols["index"]), "job": job_sha,

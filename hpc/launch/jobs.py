@@ -127,7 +127,24 @@ def show_logs(job_id: str, rank: int = 0, follow: bool = False, out: TextIO | No
 
 
 # ------------------------------------------------------------------------------- hpc cancel
-def cancel(job_id: str) -> str:
+FINAL = ("CANCELLED", "COMPLETED", "FAILED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "PREEMPTED",
+         "BOOT_FAIL", "DEADLINE", "UNKNOWN")
+
+
+def cancel(job_id: str, wait_s: float = 10.0) -> str:
+    """scancel, then report what Slurm did: the job's state once it reaches a final one (or what
+    it is after ``wait_s``), never a bare "cancelled" Slurm may not have done."""
     job_id = check_job_id(job_id)
+    before = slurm.job_state(job_id)
     slurm.run(["scancel", job_id])
-    return f"cancelled job {job_id}"
+    deadline = time.monotonic() + wait_s
+    state = slurm.job_state(job_id)
+    while state.split()[0] not in FINAL and time.monotonic() < deadline:
+        time.sleep(0.5)
+        state = slurm.job_state(job_id)
+    state = state.split()[0] if state.strip() else "UNKNOWN"
+    if state == "CANCELLED":
+        return f"job {job_id}: CANCELLED by Slurm (was {before})"
+    if state in FINAL:
+        return f"job {job_id}: scancel sent, but Slurm reports {state} (was {before})"
+    return f"job {job_id}: scancel sent; still {state} after {wait_s:g}s (was {before}); see `hpc jobs --all`"

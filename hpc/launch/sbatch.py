@@ -60,6 +60,10 @@ class SlurmResources:
     dependency: str | None = None       # e.g. afterok:123
 
     def check(self) -> "SlurmResources":
+        for name in ("mem", "time", "partition", "account", "qos", "constraint", "name", "dependency"):
+            single_line(f"--{name.replace('_', '-')}", getattr(self, name))
+        for arg in self.sbatch_args:
+            single_line("--sbatch-arg", arg)
         for name in ("nodes", "tasks_per_node", "cpus_per_task"):
             v = getattr(self, name)
             if not isinstance(v, int) or v < 1:
@@ -108,10 +112,19 @@ _RESERVED = {"output", "error", "open-mode", "signal", "array", "ntasks-per-node
              "gpus-per-node", "dependency", "wckey", "ntasks", "n", "N", "o", "e", "J", "t", "p"}
 
 
+def single_line(what: str, value: object) -> None:
+    """Every value lands on one ``#SBATCH`` / script line: a newline (or any control character)
+    in it would add lines of its own to the rendered script (command injection). Refused."""
+    if isinstance(value, str) and any(ord(c) < 32 or ord(c) == 127 for c in value):
+        raise ValueError(f"{what} {value!r}: contains a newline or control character; every value "
+                         "must be one line of the sbatch script")
+
+
 def extra_params(args: list[str]) -> dict[str, object]:
     """``["--reservation=r1", "--exclusive"]`` -> ``{"reservation": "r1", "exclusive": True}``."""
     out: dict[str, object] = {}
     for arg in args:
+        single_line("--sbatch-arg", arg)
         if not arg.startswith("--") or len(arg) < 3:
             raise ValueError(f"--sbatch-arg {arg!r}: expected a long sbatch option such as "
                              "--reservation=NAME or --exclusive")
@@ -165,6 +178,8 @@ def submitit_command(python: str, folder: str | Path) -> str:
 def render_sbatch(res: SlurmResources, folder: str | Path, python: str, array_size: int | None = None) -> str:
     """The sbatch script submitit submits for ``res`` with logs in ``folder`` (pure)."""
     params = slurm_parameters(res)
+    single_line("the log folder", str(folder))
+    single_line("the python executable", python)
     if array_size is not None:
         params["map_count"] = array_size
     return _make_sbatch_string(command=submitit_command(python, folder), folder=folder, **params)

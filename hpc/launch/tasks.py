@@ -21,7 +21,7 @@ from hpc.infer.output import MANIFEST
 from hpc.launch.requeue import hang_requeuer, requeue_after_preemption
 from hpc.registry import Registry
 from hpc.train.config import load_config
-from hpc.train.preempt import EXIT_PREEMPTED
+from hpc.train.preempt import EXIT_PREEMPTED, requeue_signal, requeues
 from hpc.train.rundir import run_logging
 from hpc.util.io import read_json
 from hpc.util.progress import progress_interval_s
@@ -50,11 +50,19 @@ def run_training(config, overrides: Sequence[str] = ()) -> dict:
     summary = train.run(config, overrides, on_hang=hang_requeuer(world))
     if summary.get("state") == "preempted":
         preemption = summary.get("preemption") or {}
-        preemption["requeue"] = (requeue_after_preemption(world, preemption.get("checkpoint_s"))
-                                 if world.is_main else "rank 0 handles the requeue")
+        sig = preemption.get("signal")
+        if not requeues(sig):
+            # SIGTERM: scancel / hpc cancel, a node shutdown, or Slurm's own preemption (which
+            # requeues by itself). Requeueing here would undo a cancel: the job ends instead.
+            preemption["requeue"] = (f"not requeued: {sig} ends the job (cancel or shutdown); only "
+                                     f"{requeue_signal()} requeues")
+        elif world.is_main:
+            preemption["requeue"] = requeue_after_preemption(world, preemption.get("checkpoint_s"))
+        else:
+            preemption["requeue"] = "rank 0 handles the requeue"
         # In the run's log (stderr and logs/rank-R.log), which the trainer has closed by now.
         with run_logging(world.rank, summary.get("run_dir")) as log:
-            log.warning("preempted by %s at step %s: checkpoint written; %s", preemption.get("signal"),
+            log.warning("preempted by %s at step %s: checkpoint written; %s", sig,
                         summary.get("step"), preemption["requeue"])
         summary["preemption"] = preemption
     return summary
@@ -91,7 +99,8 @@ def infer_argv(cfg: InferConfig) -> list[str]:
     for flag, value in (("--combine", cfg.combine), ("--registry", cfg.registry)):
         if value is not None:
             argv += [flag, value]
-    argv += [f for f, on in (("--allow-unpromoted", cfg.allow_unpromoted), ("--overwrite", cfg.overwrite)) if on]
+    argv += [f for f, on in (("--allow-unpromoted", cfg.allow_unpromoted), ("--overwrite", cfg.overwrite),
+                                  ("--allow-nonfinite", cfg.allow_nonfinite)) if on]
     return argv
 
 

@@ -31,6 +31,21 @@ def _get(d: dict, path: tuple[str, ...]) -> Any:
     return d
 
 
+UNFINISHED = ("preempted", "failed")
+
+
+def unfinished(run_dir: Path) -> str | None:
+    """Why ``run_dir`` is not a finished run (its summary's state), or None: a preempted or failed
+    run's models are those of an interrupted training, not what the config asked for."""
+    try:
+        state = read_json(Path(run_dir) / "summary.json").get("state")
+    except (ValueError, AttributeError):
+        return None  # card_from_run names what is wrong with the directory
+    if state in UNFINISHED:
+        return f"{run_dir}: the run is {state} (summary.json state), not completed"
+    return None
+
+
 def card_from_run(run_dir: Path, source: str) -> tuple[dict, Path]:
     """Read ``run_dir/summary.json`` (+ config.yaml) into a card; return it with the weights path."""
     if not run_dir.is_dir():

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from hpc.util.io import sha256_bytes, sha256_file
+from hpc.util.names import ALIAS_RE, NAME_RE
 
 CARD = "model.json"
 WEIGHTS = "model.safetensors"
@@ -20,8 +21,7 @@ META = "meta.safetensors"  # a stacking ensemble's meta-model
 SUMS = "SHA256SUMS"
 CARD_FORMAT = 1
 SOURCES = ("best", "last")
-NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
-ALIAS_RE = re.compile(r"[A-Za-z][A-Za-z0-9._-]{0,63}")
+# NAME_RE / ALIAS_RE: the one name rule (hpc.util.names), shared with run names and ensembles.
 
 
 class IntegrityError(ValueError):

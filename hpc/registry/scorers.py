@@ -20,7 +20,11 @@ normalization overlaps compute.
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import json
+import os
+import sys
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -119,23 +123,83 @@ def build_scorer(registry, card: dict, device: str = "cpu") -> nn.Module:
     return Ensemble(members, Combiner.from_card(card, meta_state), card)  # combines on the CPU
 
 
+def _load_weights(path: Path, data: bytes) -> dict:
+    """safetensors bytes -> state dict; malformed bytes are a ValueError naming the file."""
+    try:
+        return load_safetensors(data)
+    except Exception as e:  # safetensors raises its own SafetensorError (not a ValueError)
+        raise ValueError(f"{path}: not a readable safetensors file ({type(e).__name__}: {e})") from None
+
+
 def build_model_from_card(registry, card: dict, device: str = "cpu") -> nn.Module:
     """The plain nn.Module (eval mode) of a verified single-model card."""
     vdir = registry.version_dir(Ref(card["name"], card["version"]))
-    state = load_safetensors(read_verified(vdir, WEIGHTS))
+    state = _load_weights(vdir / WEIGHTS, read_verified(vdir, WEIGHTS))
     # A family registered by a plugin (training config `imports:`, e.g. hpc.ensemble.hierarchical)
-    # must be imported before it can be built. These are names of installed modules recorded in
-    # the verified card, never code stored in the artifact.
+    # must be imported before it can be built. Only installed modules are imported (never code from
+    # inside the registry or the working directory), unless trusted by name (--trust-plugin).
     if card["model"]["family"] not in list_models():
         for name in (card.get("training_config") or {}).get("imports") or []:
-            try:
-                importlib.import_module(name)
-            except ImportError as e:
-                raise ValueError(f"{vdir}: model family {card['model']['family']!r} needs module {name!r} "
-                                 f"(from the training config's imports), which cannot be imported: {e}") from None
+            import_card_plugin(str(name), Path(registry.root), vdir, card["model"]["family"])
     model = build_model(card["model"]["family"], card["model"]["config"], card["schema"])
-    missing, unexpected = model.load_state_dict(state, strict=False)
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as e:  # shapes that do not fit (size mismatch ...)
+        raise ValueError(f"{vdir / WEIGHTS}: weights do not fit {card['model']['family']}: "
+                         f"{str(e).strip()[:500]}") from None
     if missing or unexpected:
         raise ValueError(f"{vdir / WEIGHTS}: weights do not fit {card['model']['family']} "
                          f"(missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]})")
     return model.to(torch.device(device)).eval()
+
+
+TRUST_ENV = "HPC_TRUST_PLUGINS"   # comma-separated module names (`--trust-plugin`), inherited by ranks
+
+
+def trusted_plugins(env=None) -> set[str]:
+    return {m.strip() for m in (os.environ if env is None else env).get(TRUST_ENV, "").split(",") if m.strip()}
+
+
+def _inside(path: Path, root: Path) -> bool:
+    try:
+        path.resolve().relative_to(root.resolve())
+        return True
+    except (ValueError, OSError):
+        return False
+
+
+def _origins(spec) -> list[Path]:
+    out = [Path(spec.origin)] if spec.origin and spec.origin not in ("built-in", "frozen") else []
+    return out + [Path(p) for p in (spec.submodule_search_locations or [])]
+
+
+def import_card_plugin(name: str, registry_root: Path, vdir: Path, family: str) -> None:
+    """Import the module a card names (its training config's ``imports:``) if it is an installed
+    module: ``hpc.*``, or one found outside the registry and outside the working directory (which
+    ``python -m`` puts on sys.path). Anything else only when trusted by name (``--trust-plugin``).
+    The top-level package is located without running it; nothing is executed before the check."""
+    if not all(part.isidentifier() for part in name.split(".")):
+        raise ValueError(f"{vdir}: training config imports {name!r}: not a module name")
+    trusted = name in trusted_plugins()
+    if not trusted and name.split(".")[0] != "hpc":
+        top = name.split(".")[0]
+        try:
+            spec = sys.modules[top].__spec__ if top in sys.modules else importlib.util.find_spec(top)
+        except (ImportError, ValueError) as e:
+            raise ValueError(f"{vdir}: model family {family!r} needs module {name!r}, which cannot be found: {e}") from None
+        if spec is None:
+            raise ValueError(f"{vdir}: model family {family!r} needs module {name!r} (from the training config's "
+                             "imports), which is not installed")
+        cwd = Path.cwd()
+        bad = [o for o in _origins(spec) if _inside(o, registry_root) or o.resolve().parent == cwd.resolve()
+               or _inside(o, vdir)]
+        if not spec.origin and not spec.submodule_search_locations or bad:
+            raise ValueError(f"{vdir}: model family {family!r} needs module {name!r} from {bad[0] if bad else '?'}: "
+                             "not an installed module (inside the registry or the working directory); only "
+                             "installed modules are imported, or name it with --trust-plugin "
+                             f"{name} (${TRUST_ENV}) to run it")
+    try:
+        importlib.import_module(name)
+    except ImportError as e:
+        raise ValueError(f"{vdir}: model family {family!r} needs module {name!r} "
+                         f"(from the training config's imports), which cannot be imported: {e}") from None

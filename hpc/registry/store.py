@@ -248,7 +248,9 @@ class Registry:
     # ---------------------------------------------------------------- loading
     def _loadable_card(self, ref: str, allow_unpromoted: bool) -> dict:
         r = self.resolve(ref)
-        if not allow_unpromoted and not self.is_promoted(r):
+        sel = parse_ref(ref)[1]
+        via_alias = sel is not None and not sel.isdigit()  # resolve read the alias once: promoted then
+        if not allow_unpromoted and not via_alias and not self.is_promoted(r):
             raise ValueError(f"{ref} resolves to {r.name}@{r.version}, which no alias points to; "
                              f"promote it (`hpc registry promote {r.name} {r.version} --alias staging`) "
                              "or pass --allow-unpromoted")

@@ -8,7 +8,6 @@ dataclass (``hpc.models.families.model_config``). See docs/train.md for every ke
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import importlib
 import json
@@ -16,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from hpc.util.names import check_name
 from hpc.util.typed import (check_override_key, dump_yaml as _dump_yaml, from_dict, parse_value,
                                parsed_mapping, read_yaml_mapping, require, to_dict)
 
@@ -182,10 +182,15 @@ class CheckpointSection:
         require(self.keep >= 1, f"{where}.keep", f"must be >= 1, got {self.keep}")
 
 
+HANG_DEFAULT_S = 120.0   # default monitor.hang_s: a stuck rank is named within ~hang_s + 2 heartbeats
+
+
 @dataclass
 class MonitorSection:
     heartbeat_s: float = 5.0           # per-rank heartbeat/rank-R.json for `hpc status|report`; 0 = off
-    hang_s: float = 0.0                # a step's comm phase longer than this writes a hang report; 0 = off
+    # A step's comm phase longer than this writes a hang report naming the stuck rank(s); 0 = off.
+    # The default 120 s is lowered to half of dist.timeout_s when that is shorter (hpc.train.watch).
+    hang_s: float = HANG_DEFAULT_S
     on_hang: Literal["exit", "requeue"] = "exit"   # requeue: rank 0 requeues the Slurm job (resume=auto)
     # Metric sinks (hpc.train.sinks, rank 0): copies of metrics.jsonl that never fail the run.
     tensorboard: bool = False          # event files under <run_dir>/tensorboard/ (extra [tensorboard])
@@ -195,7 +200,8 @@ class MonitorSection:
     def check(self, where: str) -> None:
         require(self.heartbeat_s >= 0, f"{where}.heartbeat_s", "must be >= 0")
         require(self.hang_s >= 0, f"{where}.hang_s", "must be >= 0")
-        require(self.hang_s == 0 or self.heartbeat_s > 0, f"{where}.hang_s", "needs heartbeat_s > 0")
+        require(self.hang_s in (0, HANG_DEFAULT_S) or self.heartbeat_s > 0, f"{where}.hang_s",
+                "needs heartbeat_s > 0")
         require(self.mlflow_uri == "" or (self.mlflow_uri.strip() == self.mlflow_uri and ":" in self.mlflow_uri),
                 f"{where}.mlflow_uri", f"must be a tracking URI such as file:./mlruns, sqlite:///mlflow.db or "
                 f"http://host:5000, got {self.mlflow_uri!r}")
@@ -212,6 +218,7 @@ class RegistrySection:
 
     def check(self, where: str) -> None:
         require(bool(self.name), f"{where}.name", "is required when registry is set")
+        check_name(self.name, f"{where}.name")   # the alias is checked where it is used (Registry.promote)
 
 
 @dataclass
@@ -233,10 +240,11 @@ class TrainConfig:
     registry: RegistrySection | None = None
 
     def check(self, where: str) -> None:
-        require(bool(self.name) and "/" not in self.name, f"{where}.name", f"must be a plain name, got {self.name!r}")
-        require(self.run_id is None or (bool(self.run_id) and "/" not in self.run_id), f"{where}.run_id",
-                f"must be a plain name, got {self.run_id!r}")
-        require(self.monitor.hang_s < self.dist.timeout_s, f"{where}.monitor.hang_s",
+        check_name(self.name, f"{where}.name")   # path components of out_dir/NAME/ID: no '..', no '/'
+        if self.run_id is not None:
+            check_name(self.run_id, f"{where}.run_id")
+        require(self.monitor.hang_s < self.dist.timeout_s or self.monitor.hang_s == HANG_DEFAULT_S,
+                f"{where}.monitor.hang_s",
                 f"must be below dist.timeout_s={self.dist.timeout_s:g}, or the backend aborts before the "
                 "hang report is written")
 
@@ -277,15 +285,16 @@ def parse_override(item: str) -> tuple[list[str], Any]:
 def apply_overrides(data: dict, overrides, cls: type | None = None) -> dict:
     """Set dotted keys in a nested dict (a copy); intermediate mappings are created as needed.
     With ``cls`` (a config dataclass) a key it does not have is refused, naming the nearest one."""
-    data = copy.deepcopy(data)  # deepcopy, not a JSON round trip: Raw values must stay Raw
+    # Copy only the mappings on each override's path (the caller's dict is never changed): a full
+    # deep copy of a hostile document (shared subtrees) would be the expansion the loader refuses.
+    data = dict(data)
     for item in overrides:
         keys, value = parse_override(item)
         if cls is not None:
             check_override_key(cls, keys, item)
         d = data
         for k in keys[:-1]:
-            if not isinstance(d.get(k), dict):
-                d[k] = {}
+            d[k] = dict(d[k]) if isinstance(d.get(k), dict) else {}
             d = d[k]
         d[keys[-1]] = value
     return data

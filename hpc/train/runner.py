@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import sys
 import time
 import traceback
@@ -18,6 +19,7 @@ from typing import Callable
 import torch
 
 from hpc.data import load_manifest
+from hpc.data.integrity import check_split
 from hpc.dist.backends import init_comm
 from hpc.dist.world import world_from_env
 from hpc.models import ops
@@ -53,6 +55,7 @@ def run(config, overrides=(), data: Data | None = None,
             atomic_write_text(run_dir / "config.yaml", dump_yaml(cfg))
         trainer = Trainer(cfg, comm, run_dir, resume_from, data, on_hang=on_hang, started=started)
         outcome = trainer.fit()
+        refuse_nonfinite(trainer, outcome)
         summary = summarize(trainer, outcome)
         if comm.rank == 0:
             publish(trainer, summary)
@@ -84,6 +87,8 @@ def preflight(cfg: TrainConfig, world_size: int) -> None:
     train_dir = split_dirs(cfg.data)["train"]  # every named split exists (ValueError naming the key)
     manifest = load_manifest(train_dir)
     check_labels(split_dirs(cfg.data), manifest)
+    for d in split_dirs(cfg.data).values():  # shard paths, duplicates, symlinks, row counts (no hashing)
+        check_split(manifest if d == train_dir else load_manifest(d))
     try:
         task_of(cfg.model.family, manifest.task)
     except ValueError as e:
@@ -104,6 +109,31 @@ def check_labels(dirs: dict[str, Path], train) -> None:
             raise ValueError(f"{d}: has {m.num_classes} classes but the training split {dirs['train']} "
                              f"{train.num_classes}, so the model would have no output for the others; "
                              "shard the splits together, or state the classes (--num-classes N / --labels)")
+
+
+def nonfinite_metric(t: Trainer, outcome: Outcome) -> str | None:
+    """The first non-finite metric of the final or best validation or of the test, named; or None."""
+    s = t.state
+    evals = [("final val", s.last_val), ("best val", s.best.get("metrics") or {}), ("test", outcome.test)]
+    for what, metrics in evals:
+        for k, v in metrics.items():
+            if isinstance(v, float) and not math.isfinite(v):
+                return f"{what} {k} = {v}"
+    if t.data.val is not None and s.best["step"] is None and s.last_val_step >= 0:
+        return f"val {t.cfg.train.monitor}: no validation was finite"  # e.g. a resume after the last one
+    return None
+
+
+def refuse_nonfinite(t: Trainer, outcome: Outcome) -> None:
+    """A completed run whose evaluation is not finite fails: no registration, exit status 1."""
+    if outcome.state != "completed":
+        return
+    bad = nonfinite_metric(t, outcome)
+    if bad is not None:
+        outcome.state = "failed"
+        outcome.reason = (f"non-finite evaluation at step {t.state.step}: {bad}; the model is not "
+                          "registered (lower optim.lr, set optim.clip_grad_norm, or check the data)")
+        log.error("%s", outcome.reason)
 
 
 def summarize(t: Trainer, outcome: Outcome) -> dict:

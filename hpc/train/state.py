@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 
 
 def _no_best() -> dict:
@@ -27,6 +28,11 @@ class TrainState:
     evals_since_best: int = 0   # validations without improvement (early stopping)
     nonfinite_run: int = 0      # non-finite steps skipped in a row
 
+    def __post_init__(self) -> None:
+        # Metrics of the latest validation (the run's end checks them for non-finite values); not a
+        # field: the checkpoint keys stay what they have always been.
+        self.last_val: dict = {}
+
     @property
     def position(self) -> tuple[int, int, int]:
         """Where the loop is: a checkpoint at the same position would be the same checkpoint."""
@@ -35,7 +41,11 @@ class TrainState:
     def record_eval(self, value: float, metrics: dict, higher_is_better: bool) -> bool:
         """Note a validation at this step; True when its ``value`` is the best so far."""
         self.last_val_step = self.step
+        self.last_val = metrics
         best = self.best["value"]
+        if not math.isfinite(value):  # NaN compares false with everything: it would stay "best"
+            self.evals_since_best += 1
+            return False
         if best is None or (value > best if higher_is_better else value < best):
             self.best = {"value": value, "step": self.step, "metrics": metrics}
             self.evals_since_best = 0

@@ -1,9 +1,9 @@
 """The synchronous data-parallel training loop, one process per rank (docs/train.md "Read the trainer").
 
 Per optimizer step: ``grad_accum`` micro-batches (all but the last under ``GradSync.no_sync``), the
-fused gradient all-reduce, then ONE small all-reduce of ``[loss, non-finite, stop, checkpoint]``
-that gives every rank the global loss and the same decisions (skip a non-finite step, stop on a
-preemption signal, checkpoint on rank 0's clock). The optimizer step follows; validation, logging
+fused gradient all-reduce, then ONE small all-reduce of ``[loss, non-finite, stop for requeue, stop
+for termination, checkpoint]`` that gives every rank the global loss and the same decisions (skip a
+non-finite step, stop on a signal and which kind, checkpoint on rank 0's clock). The optimizer step follows; validation, logging
 and checkpoints happen at step boundaries, which every rank reaches in the same order.
 
 The trainer does not know how it was launched: a preemption ends ``fit`` with state "preempted"
@@ -187,15 +187,19 @@ class Trainer:
             grads = [p.grad for p in self.model.parameters() if p.grad is not None]
             gnorm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads))) if grads else loss_sum * 0
             bad = not bool(torch.isfinite(loss_sum)) or (self.scaler is None and not bool(torch.isfinite(gnorm)))
-            # The one scalar all-reduce per step, float64 [4]: the global loss and the decisions
-            # every rank must share (skip the step, stop for a preemption, checkpoint now).
-            flags = torch.tensor([float(loss_sum) if not bad else 0.0, float(bad),
-                                  float(self.watch.preempt_requested), float(ckpt_local)],
-                                 dtype=torch.float64, device=self.comm.device)
+            # The one scalar all-reduce per step, float64 [5]: the global loss and the decisions
+            # every rank must share (skip the step, stop for a requeue signal or for a terminating
+            # one, checkpoint now).
+            requeue_vote, other_vote = self.watch.stop_votes()
+            flags = torch.tensor([float(loss_sum) if not bad else 0.0, float(bad), requeue_vote, other_vote,
+                                  float(ckpt_local)], dtype=torch.float64, device=self.comm.device)
             self.comm.allreduce_(flags)
         self.timers["comm"] += time.perf_counter() - t0
         out = {"loss": float(flags[0]) / self.world, "nonfinite": bool(flags[1] > 0),
-               "stop": bool(flags[2] > 0), "checkpoint": bool(flags[3] > 0), "grad_norm": float(gnorm)}
+               "stop": bool(flags[2] > 0 or flags[3] > 0), "checkpoint": bool(flags[4] > 0),
+               "grad_norm": float(gnorm)}
+        if out["stop"]:
+            self.watch.agree_signal(float(flags[2]), float(flags[3]))
         if out["nonfinite"]:
             self.opt.zero_grad(set_to_none=False)
             if self.scaler is not None:

@@ -11,11 +11,18 @@ from pathlib import Path
 from typing import Callable
 
 from hpc.instrument import Heartbeat, Watchdog
-from hpc.train.config import AllRanksError, TrainConfig
-from hpc.train.preempt import PreemptFlag
+from hpc.train.config import HANG_DEFAULT_S, AllRanksError, TrainConfig
+from hpc.train.preempt import PreemptFlag, requeue_signal, requeues
 from hpc.util.progress import Progress, progress_interval_s
 
 log = logging.getLogger("hpc.train")
+
+
+def hang_threshold_s(cfg: TrainConfig) -> float:
+    """monitor.hang_s; the default (120 s) is lowered to half of dist.timeout_s when that is shorter,
+    so the watchdog always reports before the backend's collective timeout aborts the ranks."""
+    hang, timeout = cfg.monitor.hang_s, cfg.dist.timeout_s
+    return min(hang, timeout / 2) if hang == HANG_DEFAULT_S and hang >= timeout else hang
 
 
 class RunWatch:
@@ -27,6 +34,7 @@ class RunWatch:
         self.cfg, self.run_dir, self.comm = cfg, run_dir, comm
         self.total_steps, self.started, self.on_hang = total_steps, started, on_hang
         self.flag = PreemptFlag()
+        self.agreed_signal: str | None = None  # the signal every rank stops for (see agree_signal)
         self.hb: Heartbeat | None = None
         self.wd: Watchdog | None = None
 
@@ -44,8 +52,9 @@ class RunWatch:
                                 total_steps=self.total_steps, started=self.started,
                                 job_id=w.slurm_job_id, restart_count=w.slurm_restart_count)
             self.hb.set_step(step, epoch)
-            if m.hang_s > 0:
-                self.wd = Watchdog(self.hb, threshold_s=m.hang_s, collective_timeout_s=self.cfg.dist.timeout_s,
+            threshold = hang_threshold_s(self.cfg)
+            if threshold > 0:
+                self.wd = Watchdog(self.hb, threshold_s=threshold, collective_timeout_s=self.cfg.dist.timeout_s,
                                    on_hang=self.on_hang if m.on_hang == "requeue" else None)
         # Before the first step, so a piped/Slurm log shows where the run writes from the start.
         log.info("run %s: %d rank(s), backend %s, device %s; %d steps (%d per epoch)%s", self.run_dir,
@@ -66,9 +75,26 @@ class RunWatch:
     def preempt_requested(self) -> bool:
         return self.flag.requested
 
+    def stop_votes(self) -> tuple[float, float]:
+        """This rank's votes for the step's flag all-reduce: (requeue signal seen, other signal seen)."""
+        sig = self.flag.signal_name
+        if sig is None:
+            return 0.0, 0.0
+        return (1.0, 0.0) if requeues(sig) else (0.0, 1.0)
+
+    def agree_signal(self, requeue_votes: float, other_votes: float) -> None:
+        """After the all-reduce every rank knows the same thing: a terminating signal (SIGTERM: cancel,
+        shutdown) on any rank ends the job; else the requeue signal on any rank requeues it. So rank 0
+        decides the requeue right even when only another rank received the signal."""
+        if other_votes > 0:
+            mine = self.flag.signal_name
+            self.agreed_signal = mine if mine is not None and not requeues(mine) else "SIGTERM"
+        elif requeue_votes > 0:
+            self.agreed_signal = requeue_signal()
+
     @property
     def signal_name(self) -> str:
-        return self.flag.signal_name or "a signal received by another rank"
+        return self.agreed_signal or self.flag.signal_name or "a signal received by another rank"
 
     def stop(self, state: str) -> None:
         """Signals back to what they were, the watchdog stopped, the heartbeat's final state

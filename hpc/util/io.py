@@ -54,6 +54,9 @@ def atomic_path(dest: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
     tmp_path = Path(tmp)
     try:
         yield tmp_path
+        # The writer may have replaced the file (safetensors' save_file writes its own private temp
+        # and renames it over ours): the published mode is set here, after the writer is done.
+        os.chmod(tmp_path, 0o666 & ~_umask())
         with open(tmp_path, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp_path, dest)
@@ -102,8 +105,12 @@ def atomic_dir(dest: str | os.PathLike) -> Iterator[Path]:
     os.chmod(tmp, 0o777 & ~_umask())
     try:
         yield tmp
-        for root, _dirs, files in os.walk(tmp):
-            for name in files:
+        mask = _umask()
+        for root, dirs, files in os.walk(tmp):
+            for name in dirs:
+                os.chmod(os.path.join(root, name), 0o777 & ~mask)
+            for name in files:  # group-readable whatever wrote them (see atomic_path)
+                os.chmod(os.path.join(root, name), 0o666 & ~mask)
                 with open(os.path.join(root, name), "rb") as f:
                     os.fsync(f.fileno())
             fsync_dir(root)

@@ -56,9 +56,53 @@ _BOOL = {"true": True, "yes": True, "1": True, "false": False, "no": False, "0":
 
 # -- reading and writing YAML ---------------------------------------------------------------------
 
+MAX_CONFIG_BYTES = 1 << 20     # a YAML config/spec file: at most 1 MiB, checked before reading it
+MAX_YAML_NODES = 100_000       # nodes of a document with every alias expanded ("billion laughs")
+
+
+def _expanded_nodes(root) -> int:
+    """Nodes of the document with aliases expanded, without expanding them (memoized per node);
+    stops counting past MAX_YAML_NODES. A recursive alias counts as too many."""
+    sizes: dict[int, int] = {}
+    busy: set[int] = set()
+
+    def size(node) -> int:
+        key = id(node)
+        if key in sizes:
+            return sizes[key]
+        if key in busy:
+            return MAX_YAML_NODES + 1
+        busy.add(key)
+        total = 1
+        if isinstance(node, yaml.SequenceNode):
+            for child in node.value:
+                total += size(child)
+                if total > MAX_YAML_NODES:
+                    break
+        elif isinstance(node, yaml.MappingNode):
+            for k, v in node.value:
+                total += size(k) + size(v)
+                if total > MAX_YAML_NODES:
+                    break
+        busy.discard(key)
+        sizes[key] = total
+        return total
+
+    return size(root)
+
+
 class _Loader(yaml.SafeLoader):
     """SafeLoader that gives every plain (unquoted, untagged) scalar the Raw tag instead of guessing
-    its type; quoted and explicitly tagged (``!!str 5``, ``!!float 1``) scalars resolve as usual."""
+    its type; quoted and explicitly tagged (``!!str 5``, ``!!float 1``) scalars resolve as usual.
+    A document that expands (aliases of anchors) to more than MAX_YAML_NODES nodes is refused
+    before anything is constructed."""
+
+    def get_single_node(self):
+        node = super().get_single_node()
+        if node is not None and _expanded_nodes(node) > MAX_YAML_NODES:
+            raise yaml.YAMLError(f"the document expands (through anchors/aliases) to more than "
+                                 f"{MAX_YAML_NODES} nodes: refused")
+        return node
 
     def resolve(self, kind, value, implicit):
         if kind is yaml.ScalarNode and implicit[0]:
@@ -93,7 +137,17 @@ def read_yaml_mapping(path: str | Path) -> dict:
     """A YAML file whose top level is a mapping (empty file: {}); ValueError naming the file."""
     path = Path(path)
     try:
-        data = load_yaml(path.read_text(encoding="utf-8"))
+        with open(path, "rb") as fh:
+            if path.is_file() and path.stat().st_size > MAX_CONFIG_BYTES:
+                raise ValueError(f"{path}: {path.stat().st_size} bytes; a config file may have at most "
+                                 f"{MAX_CONFIG_BYTES} bytes (1 MiB)")
+            raw = fh.read(MAX_CONFIG_BYTES + 1)   # a pipe or a growing file: never more than the cap
+        if len(raw) > MAX_CONFIG_BYTES:
+            raise ValueError(f"{path}: more than {MAX_CONFIG_BYTES} bytes; a config file may have at most "
+                             f"{MAX_CONFIG_BYTES} bytes (1 MiB)")
+        data = load_yaml(raw.decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not UTF-8 text: {e}") from None
     except yaml.YAMLError as e:
         raise ValueError(f"{path}: not valid YAML: {e}") from None
     if data is None or (isinstance(data, Raw) and data in _NULL):

@@ -5,6 +5,7 @@ One launch per (backend, ranks) runs all the per-rank scenarios (tests/test_dist
 (importing torch in 4 processes on 2 busy cores took ~18 s). Run as a script it is the worker.
 """
 
+import contextlib
 import os
 import sys
 
@@ -38,7 +39,21 @@ def main(arg: str) -> None:
     collectives(comm, backend)
     gradsync(comm, backend)
     comm.close()
+    # close() really freed torch's process group, so gloo's worker threads are joined: one left
+    # running can drop a finished work's tensor while the interpreter shuts down and abort the process
+    # (the group outlived destroy_process_group() once torch.optim had imported torch.distributed.nn).
+    assert not threads_named("pt_gloo_runloop"), "gloo worker threads still running after comm.close()"
     print(f"OK rank {comm.rank}/{comm.size}: collectives gradsync", flush=True)
+
+
+def threads_named(name: str) -> list[str]:
+    """The ids of this process's threads called ``name`` (Linux; elsewhere none are seen)."""
+    tasks, found = "/proc/self/task", []
+    for tid in os.listdir(tasks) if os.path.isdir(tasks) else []:
+        with contextlib.suppress(OSError), open(f"{tasks}/{tid}/comm") as f:
+            if f.read().strip() == name:
+                found.append(tid)
+    return found
 
 
 if __name__ == "__main__":

@@ -16,9 +16,12 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import gc
 import os
 import socket
 import sys
+import types
+import warnings
 from typing import Any, Mapping
 
 import torch
@@ -192,4 +195,35 @@ class TorchComm(Comm):
     def close(self):
         super().close()
         if self._owns_pg and dist.is_initialized():
+            # destroy_process_group() only unregisters the group: its backend (and gloo's worker threads)
+            # lives while any reference does. A worker drops its last reference to each finished work,
+            # and with it the work's tensors, shortly after waking the caller; a tensor whose Python
+            # object is already gone then needs the GIL, and once the interpreter is finalizing that
+            # kills the process (std::terminate, exit 134). So the group must really be freed here:
+            # its destructor (run without the GIL) drains the queue and joins the workers.
+            pg, alone = dist.group.WORLD, object()
             dist.destroy_process_group()
+            if sys.getrefcount(pg) > sys.getrefcount(alone):  # held elsewhere too
+                _forget_in_defaults(pg)
+            stray = sys.getrefcount(pg) - sys.getrefcount(alone)
+            del pg  # the last reference, normally: the backend's threads are joined now
+            if stray > 0:
+                warnings.warn(f"hpc: rank {self.rank}: torch.distributed's process group is still referenced "
+                              f"{stray} time(s) after close(); its {self.pg_backend} threads outlive it and may "
+                              "abort the interpreter at exit", RuntimeWarning, stacklevel=2)
+
+
+def _forget_in_defaults(pg) -> None:
+    """Replace ``pg`` by None (the default group) in every function's default arguments.
+
+    ``def f(..., group=dist.group.WORLD)`` evaluates its default at definition time, so a module imported
+    after init_process_group keeps the group alive for good: torch.distributed.nn.functional does (ten
+    functions), and the first ``torch.optim`` optimizer imports it through torch._dynamo.
+    """
+    for obj in gc.get_objects():
+        if type(obj) is not types.FunctionType:  # (isinstance would query proxies' __class__)
+            continue
+        if obj.__defaults__ and any(v is pg for v in obj.__defaults__):
+            obj.__defaults__ = tuple(None if v is pg else v for v in obj.__defaults__)
+        if obj.__kwdefaults__ and any(v is pg for v in obj.__kwdefaults__.values()):
+            obj.__kwdefaults__ = {k: None if v is pg else v for k, v in obj.__kwdefaults__.items()}

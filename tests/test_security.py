@@ -7,7 +7,6 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import time
 import tracemalloc
 from pathlib import Path
 
@@ -150,17 +149,17 @@ LAUGHS = "a: &a [x, x, x, x, x, x, x, x, x]\n" + "".join(
     f"{c}: &{c} [{', '.join(['*' + p] * 9)}]\n" for p, c in zip("abcdefgh", "bcdefghi")) + "name: *i\n"
 
 
-def test_billion_laughs_is_refused_quickly_and_small(tmp_path):
+def test_billion_laughs_is_refused_before_expanding(tmp_path):
     p = tmp_path / "laughs.yaml"
     p.write_text(LAUGHS)
     assert len(LAUGHS) < 1024
     tracemalloc.start()
-    t0 = time.monotonic()
     with pytest.raises(ValueError, match="expands .* more than 100000 nodes"):
         load_config(p)
     peak = tracemalloc.get_traced_memory()[1]
     tracemalloc.stop()
-    assert time.monotonic() - t0 < 5 and peak < 50e6, (time.monotonic() - t0, peak)
+    # fully expanded it would be 10**9 nodes (GBs); refused while counting, it never gets near that
+    assert peak < 50e6, peak
 
 
 def test_recursive_alias_is_refused():
@@ -181,10 +180,12 @@ def test_oversized_config_is_refused_before_reading(tmp_path):
     p = tmp_path / "big.yaml"
     with open(p, "wb") as fh:                 # sparse: 2 GiB on disk costs nothing
         fh.truncate(2 << 30)
-    t0 = time.monotonic()
+    tracemalloc.start()
     with pytest.raises(ValueError, match=rf"at most {MAX_CONFIG_BYTES} bytes \(1 MiB\)"):
         read_yaml_mapping(p)
-    assert time.monotonic() - t0 < 2
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert peak < 10e6, peak  # the 2 GiB were never read into memory
     small = tmp_path / "edge.yaml"
     small.write_text("name: x\n" + "#" * (MAX_CONFIG_BYTES - 100) + "\n")
     assert read_yaml_mapping(small)["name"] == "x"

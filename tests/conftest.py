@@ -65,7 +65,9 @@ def slurm_cluster():
 
     if not reachable():
         script = REPO / "slurm" / "dev-cluster.sh"
-        r = subprocess.run(["bash", str(script), "up"], capture_output=True, text=True, timeout=300)
+        # Two nodes (n1, n2 on this host), as scripts/test.sh brings it up: the multi-node tests
+        # need them and the one-node tests run on them too.
+        r = subprocess.run(["bash", str(script), "up", "--nodes", "2"], capture_output=True, text=True, timeout=300)
         if r.returncode != 0 or not reachable():
             msg = f"no Slurm cluster: slurm/dev-cluster.sh up exited {r.returncode}:\n{r.stdout[-2000:]}\n{r.stderr[-2000:]}"
             if REQUIRE_CLUSTER:

@@ -121,7 +121,7 @@ def test_static_rendezvous_rules():
 
 def test_mpiexec_command_and_env():
     cmd = mpiexec_command(4, ["train", "c.yaml"], "/x/mpiexec", cores=2)
-    assert cmd == ["/x/mpiexec", "-n", "4", "--oversubscribe", sys.executable,
+    assert cmd == ["/x/mpiexec", "-n", "4", "--bind-to", "none", "--oversubscribe", sys.executable,
                    *(["-P"] if sys.version_info >= (3, 11) else []), "-m", "hpc", "train", "c.yaml"]
     assert "--oversubscribe" not in mpiexec_command(2, [], "/x/mpiexec", cores=2)
     env = launch_env(4, 2, {"PATH": "/bin"})
@@ -153,3 +153,27 @@ def test_importing_hpc_dist_is_cheap():
             "print(sorted(m for m in ('torch', 'mpi4py.MPI') if m in sys.modules))\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert out.stdout.strip() == "[]", out
+
+
+def test_a_slurm_node_name_becomes_an_address_that_others_can_reach():
+    from hpc.dist.torch_backend import node_address
+
+    known = {"gpu07": True, "10.0.0.7": True, "127.0.0.1": True}
+    resolves = lambda name: known.get(name, False)  # noqa: E731
+    # A site where node names resolve: the name itself, and Slurm is not asked.
+    asked = []
+    assert node_address("gpu07", "10.9.9.9", resolves=resolves, slurm_addr=lambda n: asked.append(n)) == "gpu07"
+    assert asked == []
+    # The dev cluster (n1 does not resolve): the NodeAddr Slurm reaches it at.
+    assert node_address("n1", "10.9.9.9", resolves=resolves, slurm_addr=lambda n: "127.0.0.1") == "127.0.0.1"
+    # NodeAddr unknown (no scontrol) or the same unresolvable name: where srun ran (the batch host).
+    assert node_address("n1", "10.9.9.9", resolves=resolves, slurm_addr=lambda n: None) == "10.9.9.9"
+    assert node_address("n1", "10.9.9.9", resolves=resolves, slurm_addr=lambda n: "n1") == "10.9.9.9"
+    # Nothing better: the name, and the rendezvous error names it.
+    assert node_address("n1", None, resolves=resolves, slurm_addr=lambda n: None) == "n1"
+
+
+def test_slurm_rendezvous_is_the_first_node_of_the_step():
+    env = {"SLURM_PROCID": "2", "SLURM_NTASKS": "4", "SLURM_STEP_ID": "1", "SLURM_JOB_ID": "700",
+           "SLURM_JOB_NODELIST": "n[1-3]", "SLURM_STEP_NODELIST": "n[2-3]", "SLURMD_NODENAME": "n3"}
+    assert static_rendezvous(world_from_env(env), env) == ("n2", 15000 + 700)

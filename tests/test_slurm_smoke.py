@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import glob
 import os
 import subprocess
 import sys
@@ -71,7 +72,7 @@ def test_dev_cluster_status_and_idempotent_up(slurm_cluster):
     repo = os.path.join(os.path.dirname(__file__), "..")
     script = os.path.join(repo, "slurm", "dev-cluster.sh")
     state = os.environ.get("HPC_SLURM_DEV_DIR") or os.path.join(repo, ".slurm-dev")
-    if not os.path.exists(os.path.join(state, "run", "slurmd.pid")):
+    if not glob.glob(os.path.join(state, "run", "slurmd-*.pid")):  # SlurmdPidFile=run/slurmd-%n.pid
         pytest.skip("an existing cluster is in use, not the dev cluster")
     up = subprocess.run(["bash", script, "up"], capture_output=True, text=True, timeout=120)
     assert up.returncode == 0, up.stderr

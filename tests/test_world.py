@@ -125,3 +125,90 @@ def test_only_world_reads_slurm_variables():
     found = [f"{path.relative_to(root.parent)}:{n}" for path in sorted(root.rglob("*.py"))
              if path != root / "dist" / "world.py" for n in slurm_env_reads(path.read_text())]
     assert not found, "SLURM_* read outside hpc/dist/world.py (use hpc.dist.world_from_env()): " + ", ".join(found)
+
+
+# ------------------------------------------------------------------------------- nodes
+def _srun_task(rank: int, nodes: int = 2, per_node: int = 2, job: str = "88", pmix: bool = False) -> dict:
+    """The variables srun gives task ``rank`` of ``srun -N nodes --ntasks-per-node per_node`` (block
+    distribution), as recorded from the dev cluster's n1/n2 (sbatch also exports the job's)."""
+    env = {"SLURM_JOB_ID": job, "SLURM_STEP_ID": "0", "SLURM_STEPID": "0", "SLURM_PROCID": str(rank),
+           "SLURM_NTASKS": str(nodes * per_node), "SLURM_STEP_NUM_TASKS": str(nodes * per_node),
+           "SLURM_NODEID": str(rank // per_node), "SLURM_LOCALID": str(rank % per_node),
+           "SLURM_STEP_NUM_NODES": str(nodes), "SLURM_JOB_NUM_NODES": str(nodes), "SLURM_NNODES": str(nodes),
+           "SLURM_NTASKS_PER_NODE": str(per_node), "SLURM_STEP_TASKS_PER_NODE": f"{per_node}(x{nodes})",
+           "SLURM_TASKS_PER_NODE": f"{per_node}(x{nodes})", "SLURM_JOB_NODELIST": f"n[1-{nodes}]",
+           "SLURM_STEP_NODELIST": f"n[1-{nodes}]", "SLURMD_NODENAME": f"n{rank // per_node + 1}",
+           "SLURM_LAUNCH_NODE_IPADDR": "10.1.2.3"}
+    if pmix:
+        env["PMIX_RANK"] = str(rank)
+    return env
+
+
+@pytest.mark.parametrize("pmix", [False, True], ids=["srun", "srun-pmix"])
+def test_every_rank_of_a_two_node_slurm_step_knows_its_node(pmix):
+    seen = []
+    for rank in range(4):
+        w = world_from_env(_srun_task(rank, pmix=pmix))
+        seen.append((w.rank, w.size, w.node_rank, w.num_nodes, w.local_rank, w.local_size, w.node_name))
+        assert w.launcher == ("pmix" if pmix else "slurm")
+        assert w.first_node == "n1" and w.master_addr == "n1" and w.slurm_launch_addr == "10.1.2.3"
+        assert w.slurm_nodelist == ("n1", "n2")
+    assert seen == [(0, 4, 0, 2, 0, 2, "n1"), (1, 4, 0, 2, 1, 2, "n1"),
+                    (2, 4, 1, 2, 0, 2, "n2"), (3, 4, 1, 2, 1, 2, "n2")]
+    assert world_from_env(_srun_task(3)).placement() == "node n2 (1/2), local rank 1/2"
+
+
+def test_uneven_step_uses_the_steps_tasks_on_this_node():
+    # srun -N 2 -n 4 on the dev cluster: Slurm allocates 3+1 (cons_tres packs); the job was submitted
+    # with --ntasks-per-node=2, which the step does not follow, so the step's own layout must win.
+    env = dict(_srun_task(3), SLURM_STEP_TASKS_PER_NODE="3,1", SLURM_NODEID="1", SLURM_LOCALID="0")
+    w = world_from_env(env)
+    assert (w.node_rank, w.num_nodes, w.local_rank, w.local_size) == (1, 2, 0, 1)
+    env = dict(_srun_task(2), SLURM_STEP_TASKS_PER_NODE="3,1", SLURM_NODEID="0", SLURM_LOCALID="2")
+    assert world_from_env(env).local_size == 3
+    # A step on the second node only: rank 0 (and the rendezvous) is there, not on the job's first node.
+    env = dict(_srun_task(0), SLURM_STEP_NODELIST="n2", SLURM_STEP_NUM_NODES="1", SLURM_STEP_NUM_TASKS="1",
+               SLURM_STEP_TASKS_PER_NODE="1", SLURM_NODEID="0", SLURMD_NODENAME="n2")
+    w = world_from_env(env)
+    assert (w.size, w.node_rank, w.num_nodes, w.local_size, w.first_node) == (1, 0, 1, 1, "n2")
+
+
+def test_openmpi_ranks_fill_nodes_in_order_and_ignore_inherited_slurm_variables():
+    # mpiexec -n 4 over 2 nodes inside an sbatch job: every rank inherits the batch step's
+    # SLURM_NODEID=0 and SLURMD_NODENAME=n1; only Open MPI's own variables describe the rank.
+    inherited = {"SLURM_JOB_ID": "5", "SLURM_NODEID": "0", "SLURMD_NODENAME": "n1", "SLURM_JOB_NODELIST": "n[1-2]",
+                 "SLURM_PROCID": "0", "SLURM_LOCALID": "0", "SLURM_STEP_ID": "0"}
+    got = []
+    for rank in range(4):
+        env = dict(inherited, OMPI_COMM_WORLD_RANK=str(rank), OMPI_COMM_WORLD_SIZE="4",
+                   OMPI_COMM_WORLD_LOCAL_RANK=str(rank % 2), OMPI_COMM_WORLD_LOCAL_SIZE="2")
+        w = world_from_env(env)
+        got.append((w.node_rank, w.num_nodes, w.local_rank, w.local_size))
+        assert w.launcher == "openmpi" and w.node_name == w.hostname  # not the inherited n1
+        assert w.first_node == "n1" and w.slurm_launch_addr is None
+    assert got == [(0, 2, 0, 2), (0, 2, 1, 2), (1, 2, 0, 2), (1, 2, 1, 2)]
+
+
+def test_torchrun_node_rank_is_its_group_rank():
+    got = []
+    for node in range(3):
+        for local in range(2):
+            w = world_from_env({"RANK": str(2 * node + local), "WORLD_SIZE": "6", "LOCAL_RANK": str(local),
+                                "LOCAL_WORLD_SIZE": "2", "GROUP_RANK": str(node), "GROUP_WORLD_SIZE": "3",
+                                "MASTER_ADDR": "10.0.0.9", "MASTER_PORT": "29500"})
+            got.append((w.rank, w.node_rank, w.num_nodes, w.local_rank, w.local_size))
+            assert w.master_addr == "10.0.0.9"
+    assert got == [(0, 0, 3, 0, 2), (1, 0, 3, 1, 2), (2, 1, 3, 0, 2), (3, 1, 3, 1, 2),
+                   (4, 2, 3, 0, 2), (5, 2, 3, 1, 2)]
+    # Without GROUP_* (an older torchrun): ranks fill the nodes in order.
+    w = world_from_env({"RANK": "5", "WORLD_SIZE": "6", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "2"})
+    assert (w.node_rank, w.num_nodes) == (2, 3)
+
+
+def test_one_process_is_node_zero_of_one():
+    w = world_from_env({})
+    assert (w.node_rank, w.num_nodes, w.first_node, w.slurm_launch_addr) == (0, 1, None, None)
+    # The batch script: under Slurm, not in a step; its own node name is not a rank's.
+    w = world_from_env({"SLURM_JOB_ID": "5", "SLURM_PROCID": "0", "SLURM_JOB_NODELIST": "n[1-2]",
+                        "SLURMD_NODENAME": "n1", "SLURM_LAUNCH_NODE_IPADDR": "10.0.0.1"})
+    assert (w.rank, w.size, w.node_rank, w.num_nodes, w.first_node) == (0, 1, 0, 1, "n1")

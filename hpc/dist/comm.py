@@ -134,7 +134,7 @@ class Comm(abc.ABC):
         atexit.unregister(self._exit_without_close)
 
     def _exit_without_close(self) -> None:
-        sys.stderr.write(f"hpc: rank {self.rank}/{self.size} ({self.world.hostname}) is exiting without "
+        sys.stderr.write(f"hpc: rank {self.rank}/{self.size} ({self.world.node_name}) is exiting without "
                          "comm.close() (an early exit on this rank?); aborting the job so the other ranks "
                          "do not wait for it\n")
         self.abort(1)
@@ -142,7 +142,7 @@ class Comm(abc.ABC):
     def _excepthook(self, etype, value, tb) -> None:
         try:
             (self._prev_hook or sys.__excepthook__)(etype, value, tb)
-            sys.stderr.write(f"hpc: rank {self.rank}/{self.size} ({self.world.hostname}) failed with an "
+            sys.stderr.write(f"hpc: rank {self.rank}/{self.size} ({self.world.node_name}) failed with an "
                              f"unhandled {etype.__name__}: {value}; aborting the job ({self.backend} backend) "
                              "so the other ranks stop instead of hanging\n")
         finally:

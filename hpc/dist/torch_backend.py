@@ -2,8 +2,11 @@
 
 Rendezvous (where rank 0 listens), first match wins:
 1. ``MASTER_ADDR`` + ``MASTER_PORT`` (torchrun, or set by the user);
-2. under Slurm: the first host of the job's node list, port ``PORT_BASE + job id % PORT_SPAN``
-   (so two jobs sharing a first node do not collide, and every task computes the same port);
+2. under Slurm: the first node of the step (rank 0's node; ``World.first_node``), port
+   ``PORT_BASE + job id % PORT_SPAN`` (so two jobs sharing a first node do not collide, and every
+   task computes the same port). A Slurm node *name* need not resolve (the dev cluster's n1/n2 do
+   not, some sites only set NodeAddr): ``node_address`` then uses the address Slurm itself reaches
+   the node at (``scontrol show node``: NodeAddr), and last the address srun ran on;
 3. under an MPI launcher: rank 0 picks a free port and broadcasts its address over MPI
    (127.0.0.1 when all ranks are on one host);
 otherwise a ValueError says what to set.
@@ -18,7 +21,10 @@ import contextlib
 import datetime
 import gc
 import os
+import re
+import shutil
 import socket
+import subprocess
 import sys
 import types
 import warnings
@@ -50,10 +56,49 @@ def static_rendezvous(world: World, env: Mapping[str, str] | None = None) -> tup
     port = world.master_port
     if port is None and env.get("MASTER_PORT"):
         port = int(env["MASTER_PORT"])
-    if world.under_slurm and world.slurm_nodelist:
-        addr = addr or world.slurm_nodelist[0]
+    if world.under_slurm and (world.first_node or world.slurm_nodelist):
+        addr = addr or world.first_node or world.slurm_nodelist[0]
         port = port or slurm_port(world.slurm_job_id)
     return (addr, port) if addr and port else None
+
+
+def _resolves(name: str) -> bool:
+    try:
+        socket.getaddrinfo(name, None, proto=socket.IPPROTO_TCP)
+        return True
+    except (OSError, UnicodeError):
+        return False
+
+
+def scontrol_node_addr(node: str, timeout_s: float = 30) -> str | None:
+    """The NodeAddr Slurm has for ``node`` (``scontrol show node -o``), or None."""
+    exe = shutil.which("scontrol")
+    if exe is None:
+        return None
+    try:
+        out = subprocess.run([exe, "show", "node", "-o", node], capture_output=True, text=True,
+                             timeout=timeout_s).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    m = re.search(r"(?:^|\s)NodeAddr=(\S+)", out)
+    return m.group(1) if m else None
+
+
+def node_address(node: str, launch_addr: str | None = None, *, resolves=_resolves,
+                 slurm_addr=scontrol_node_addr) -> str:
+    """An address other nodes can reach Slurm node ``node`` at (rule 2 of the module doc).
+
+    The name itself when it resolves (DNS, /etc/hosts: the usual site); else the NodeAddr Slurm uses
+    for it (one ``scontrol`` call; the dev cluster's nodes are all 127.0.0.1); else ``launch_addr``
+    (SLURM_LAUNCH_NODE_IPADDR: right when srun ran on that node, as in a batch script, where
+    `hpc submit` runs it); else the name, and the rendezvous error says to set MASTER_ADDR.
+    """
+    if resolves(node):
+        return node
+    addr = slurm_addr(node)
+    if addr and addr != node and resolves(addr):
+        return addr
+    return launch_addr or node
 
 
 def _free_port() -> int:
@@ -116,6 +161,9 @@ class TorchComm(Comm):
         self._owns_pg = not dist.is_initialized()
         if self._owns_pg:
             found = static_rendezvous(world, env)
+            if found and world.under_slurm and found[0] == world.first_node \
+                    and not (os.environ if env is None else env).get("MASTER_ADDR"):
+                found = (node_address(found[0], world.slurm_launch_addr), found[1])
             if found is None and world.size > 1:
                 if not world.under_mpi:
                     raise ValueError(
@@ -138,7 +186,7 @@ class TorchComm(Comm):
         try:
             yield
         except (RuntimeError, dist.DistError) as e:
-            raise RuntimeError(f"hpc: rank {self.rank}/{self.size} ({self.world.hostname}): torch.distributed "
+            raise RuntimeError(f"hpc: rank {self.rank}/{self.size} ({self.world.node_name}): torch.distributed "
                                f"{what} failed or did not complete within timeout_s={self.timeout_s}: another "
                                f"rank is dead or stuck (see its log). Cause: {e}") from e
 

@@ -114,7 +114,8 @@ class Heartbeat:
     def __init__(self, run_dir: str | os.PathLike, rank: int, interval_s: float = 5.0, *,
                  world_size: int | None = None, total_steps: int | None = None,
                  restart_count: int | None = None, job_id: str | None = None, start: bool = True,
-                 clock: Callable[[], float] | None = None, started: float | None = None):
+                 clock: Callable[[], float] | None = None, started: float | None = None,
+                 node: str | None = None):
         if not interval_s > 0:
             raise ValueError(f"heartbeat interval_s={interval_s!r}: must be a positive number of seconds")
         if rank < 0:
@@ -127,6 +128,9 @@ class Heartbeat:
             job_id = world.slurm_job_id if job_id is None else job_id
             restart_count = world.slurm_restart_count if restart_count is None else restart_count
         self.job_id, self.restart_count = job_id, restart_count
+        # The Slurm node (several share one host on the dev cluster), else the host: what a hang
+        # report names for a rank that is gone.
+        self.node = node if node is not None else world_from_env().node_name
         # ``clock`` (simulations, tests): one callable giving epoch seconds for both wall and durations.
         self._mono = clock or time.monotonic
         self._wall = clock or time.time
@@ -243,7 +247,7 @@ class Heartbeat:
                    "phase_s": {k: round(v, 4) for k, v in phase_s.items()}}
         return {
             "format_version": FORMAT_VERSION, "rank": self.rank, "world_size": self.world_size,
-            "host": socket.gethostname(), "pid": os.getpid(), "job_id": self.job_id,
+            "host": socket.gethostname(), "node": self.node, "pid": os.getpid(), "job_id": self.job_id,
             "restart_count": self.restart_count, "state": self.state,
             "time": now, "started": self.started, "interval_s": self.interval_s,
             "step": self.step, "epoch": self.epoch, "total_steps": self.total_steps,

@@ -94,15 +94,17 @@ def format_summary(heartbeats: dict[int, dict], laggards: list[tuple[int, str]],
              f": a collective waited more than {threshold_s:g}s",
              f"ranks behind: {', '.join(str(r) for r, _ in laggards) or 'none'}"]
     for r, why in laggards:
-        lines.append(f"  rank {r}: {why}")
+        hb = heartbeats.get(r) or {}
+        where = hb.get("node") or hb.get("host")
+        lines.append(f"  rank {r}: {why}" + (f" [node {where}, pid {hb.get('pid')}]" if where else ""))
     if not laggards:
         lines.append("  every rank waits in comm at the same step: a mismatched collective order "
                      "(different code paths per rank) or a network/fabric problem")
-    lines += ["", f"{'rank':>4}  {'host':<16} {'pid':>7} {'step':>8} {'epoch':>5} {'phase':<10} "
+    lines += ["", f"{'rank':>4}  {'node':<16} {'pid':>7} {'step':>8} {'epoch':>5} {'phase':<10} "
                   f"{'in phase':>9} {'hb age':>7}"]
     for r in sorted(heartbeats):
         hb = heartbeats[r]
-        lines.append(f"{r:>4}  {str(hb.get('host'))[:16]:<16} {hb.get('pid', ''):>7} "
+        lines.append(f"{r:>4}  {str(hb.get('node') or hb.get('host'))[:16]:<16} {hb.get('pid', ''):>7} "
                      f"{str(hb.get('step')):>8} {str(hb.get('epoch')):>5} {hb.get('phase', '?'):<10} "
                      f"{hb.get('phase_elapsed_s', 0):>8.1f}s {now - float(hb.get('time', now)):>6.1f}s")
     lines += ["", "stacks of every rank that reported: rank-R.txt next to this file"]

@@ -179,6 +179,10 @@ def check_mpi(cfg: DoctorConfig) -> list[Row]:
     env.update(mpi_env_for_root(env))
     env.setdefault("OMP_NUM_THREADS", "1")
     cmd, name = launcher_command(cfg, world_from_env(env))
+    if cmd is not None and cmd[0] != "srun":
+        # Ranks on this machine: as hpc.dist.spawn.launch_env, mpiexec must not take a surrounding
+        # job's node list for its own (it hangs where the Slurm node name is not the host's).
+        env.setdefault("PRTE_MCA_ras", "^slurm")
     if cmd is None:
         return [Row("mpi", "fail", f"mpiexec not found next to {sys.executable} nor on PATH", MPIEXEC_HINT)]
     cmd += [sys.executable, "-m", "hpc.monitor.mpi_probe", str(cfg.mpi_mb)]

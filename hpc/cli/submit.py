@@ -37,7 +37,10 @@ def register(sub) -> None:
     add_resource_options(t)
     t.set_defaults(func=_train)
 
-    i = ssub.add_parser("infer", help="batch inference (hpc infer) as a Slurm job")
+    i = ssub.add_parser("infer", help="batch inference (hpc infer) as a Slurm job",
+                        description="Batch inference as a Slurm job: one Slurm task per rank (--nodes N "
+                        "--tasks-per-node T: N x T ranks through srun --mpi=pmix, across nodes), or "
+                        "--infer-arg=--nproc=N for N local ranks inside one task (docs/infer.md).")
     i.add_argument("--model", required=True, help="NAME@ALIAS or NAME@VERSION")
     i.add_argument("--input", required=True, help="data directory to score")
     i.add_argument("--output", required=True, help="output directory")

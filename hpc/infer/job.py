@@ -1,7 +1,8 @@
 """The batch-inference job: registered model(s) x a sharded data split or tables (CSV/Parquet files)
 -> one partition per shard or file.
 
-Exactly once, on 1 process or N ranks (mpiexec / Slurm):
+Exactly once, on 1 process or N ranks (mpiexec, or Slurm tasks on one or several nodes:
+``hpc submit infer --nodes N --tasks-per-node T``; the ranks only meet at the start and the end):
 
 1. every rank loads and verifies the model(s) (``Registry.load_scorer``: checksums first, only
    promoted versions unless ``allow_unpromoted``) and checks the input against the model
@@ -268,7 +269,8 @@ def _scored(cfg: InferConfig, comm, log, start: float, progress: bool, state, sc
                             device, publish, bar)
     rows = waits.pop("rows")
     scoring_s = time.time() - t0
-    mine_rec = {"rank": world.rank, "shards": len(mine), "written": len(todo),
+    mine_rec = {"rank": world.rank, "node": world.node_name, "node_rank": world.node_rank,
+                "shards": len(mine), "written": len(todo), "written_parts": todo,
                 "skipped": len(mine) - len(todo), "rows_written": rows, "scoring_s": round(scoring_s, 4), **waits,
                 "device": str(device), "threads": torch.get_num_threads()}
     ranks = comm.allgather_object(mine_rec)
@@ -280,10 +282,24 @@ def _scored(cfg: InferConfig, comm, log, start: float, progress: bool, state, sc
         log(f"wrote {sum(r['written'] for r in ranks)} partition(s), skipped "
             f"{sum(r['skipped'] for r in ranks)} complete one(s): {total} rows of "
             f"{model_rec['name']}@{model_rec['version']} predictions in {out} ({cfg.format}, "
-            f"{world.size} rank(s), {time.time() - start:.1f} s)"
+            f"{world.size} rank(s){placement(ranks)}, {time.time() - start:.1f} s)"
             + (f"; read them with pandas.read_parquet({str(out)!r})" if cfg.format == "parquet" else ""))
     comm.barrier()
     return summary
+
+
+def placement(ranks: list[dict]) -> str:
+    """``" on 2 node(s): n1 rank(s) 0-1, n2 rank(s) 2-3"`` for the summary line ("" on one node)."""
+    nodes: dict[str, list[int]] = {}
+    for r in sorted(ranks, key=lambda r: r["rank"]):
+        nodes.setdefault(str(r.get("node")), []).append(r["rank"])
+    if len(nodes) < 2:
+        return ""
+
+    def span(rs: list[int]) -> str:
+        return f"{rs[0]}-{rs[-1]}" if rs == list(range(rs[0], rs[-1] + 1)) and len(rs) > 1 else ",".join(map(str, rs))
+
+    return f" on {len(nodes)} node(s): " + ", ".join(f"{n} rank(s) {span(rs)}" for n, rs in nodes.items())
 
 
 def _finish(out: Path, cfg: InferConfig, job: dict, job_sha: str, model_rec: dict, source,

@@ -16,6 +16,7 @@ import json
 import os
 import shutil
 import socket
+import time
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -63,6 +64,20 @@ class Claim:
         self.fd = -1
 
 
+def _flock_ex(fd: int, patience_s: float = 1.0) -> bool:
+    """An exclusive flock on ``fd``, retried for ``patience_s``: `hpc submit infer`'s probe
+    (``lock_holder``) holds a shared lock for microseconds and must not make a job fail."""
+    deadline = time.monotonic() + patience_s
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return True
+        except BlockingIOError:
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.05)
+
+
 def _lock(out: Path) -> Claim:
     """Take ``OUT/_LOCK`` or raise ValueError (another live job holds it); creates nothing else."""
     path = out / LOCK
@@ -71,15 +86,13 @@ def _lock(out: Path) -> Claim:
             fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
         except IsADirectoryError:
             raise ValueError(f"{path}: a directory; not an output of hpc infer") from None
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+        if not _flock_ex(fd):
             try:
                 holder = os.read(fd, 200).decode(errors="replace").strip() or "unknown"
             finally:
                 os.close(fd)
             raise ValueError(f"{out}: another hpc infer is writing this directory ({holder}); wait for "
-                             "it, or choose another --output") from None
+                             "it, or choose another --output")
         try:
             same = os.fstat(fd).st_ino == os.stat(path).st_ino
         except FileNotFoundError:
@@ -88,6 +101,25 @@ def _lock(out: Path) -> Claim:
             os.ftruncate(fd, 0)
             os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}".encode())
             return Claim(path, fd)
+        os.close(fd)
+
+
+def lock_holder(out: str | os.PathLike) -> str | None:
+    """Who holds ``OUT/_LOCK`` now (``pid P on HOST``), or None: a probe for `hpc submit infer`,
+    which refuses an output a running job writes before queueing another. Creates nothing and
+    holds nothing (a job queued meanwhile is still refused by its own claim)."""
+    try:
+        fd = os.open(Path(out) / LOCK, os.O_RDONLY)
+    except OSError:  # no lock file (or no directory): nobody writes there
+        return None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return os.read(fd, 200).decode(errors="replace").strip() or "unknown"
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return None
+    finally:
         os.close(fd)
 
 

@@ -58,6 +58,7 @@ class SlurmResources:
     mpi: bool = True                    # srun --mpi=pmix (ranks use MPI); False: torch rendezvous
     array_parallelism: int = 256        # job arrays: members running at once (--max-parallel)
     dependency: str | None = None       # e.g. afterok:123
+    kill_on_bad_exit: bool = False      # srun --kill-on-bad-exit=1: one task dead ends the step (infer)
 
     def check(self) -> "SlurmResources":
         for name in ("mem", "time", "partition", "account", "qos", "constraint", "name", "dependency"):
@@ -154,6 +155,10 @@ def slurm_parameters(res: SlurmResources) -> dict:
     }
     if res.mpi:
         params["srun_args"] = ["--mpi=pmix"]
+    if res.kill_on_bad_exit:
+        # A task that dies (SIGKILL, a lost node, a non-zero exit) ends the whole step at once; by
+        # default srun leaves the others running until their next collective finds the peer gone.
+        params["srun_args"] = [*params.get("srun_args", []), "--kill-on-bad-exit=1"]
     if res.gpus_per_node:
         params["gpus_per_node"] = res.gpus_per_node
     for key in ("mem", "partition", "account", "qos", "constraint", "dependency"):

@@ -365,7 +365,7 @@ def _score(model: str, input: str, dest: Path, ntasks: int, mpi: bool, registry:
     try:
         cfg = InferConfig(model=model, input=input, output=str(dest), registry=registry)
         if ntasks > 1:
-            srun = ["srun", "-n", str(ntasks)] + (["--mpi=pmix"] if mpi else [])
+            srun = ["srun", "-n", str(ntasks), "--kill-on-bad-exit=1"] + (["--mpi=pmix"] if mpi else [])
             rc = subprocess.call(srun + [sys.executable, "-m", "hpc", *infer_argv(cfg)],
                                  env={**os.environ, **mpi_env_for_root()})
             return rc, f"hpc infer on {ntasks} tasks exited {rc}" if rc else ""

@@ -25,7 +25,8 @@ from typing import Any, Callable, Sequence
 
 import submitit
 
-from hpc.infer.job import InferConfig
+from hpc.infer.job import InferConfig, check_output
+from hpc.infer.output import lock_holder
 from hpc.launch import slurm
 from hpc.launch.sbatch import SlurmResources, render_sbatch, slurm_parameters
 from hpc.launch.sweep import expand_grid, point_overrides, write_sweep
@@ -205,9 +206,20 @@ def submit_infer(cfg: InferConfig, res: SlurmResources, mode: str = "slurm", dry
                  dependency: str | None = None, nproc: int = 1) -> Submitted | str:
     """The inference job ``cfg`` (``infer_task``); logs go to ``<output>.submitit-%j`` beside the output.
 
-    ``nproc > 1``: a job of one task starts N local MPI ranks (``hpc infer --nproc``)."""
-    _validate_infer(cfg, nproc)
+    The ranks are the job's Slurm tasks (``res.nodes`` x ``res.tasks_per_node``, srun
+    ``--mpi=pmix``), on one node or several, as for training; or, ``nproc > 1``, a job of ONE task
+    starts N local MPI ranks (``hpc infer --nproc``). ``--local`` starts ``res.ntasks`` local ranks."""
     res.check()
+    if nproc > 1 and res.ntasks > 1:
+        raise ValueError(f"--infer-arg=--nproc {nproc} with --nodes {res.nodes} --tasks-per-node "
+                         f"{res.tasks_per_node}: give one or the other (--nodes/--tasks-per-node run one "
+                         "Slurm task per rank, across nodes; --nproc starts N local ranks inside one task)")
+    if mode == "local" and res.ntasks > 1:
+        nproc = res.ntasks  # LocalExecutor runs one process: it starts the ranks with mpiexec
+    _validate_infer(cfg, nproc)
+    # The ranks only meet at the start and the end, so without this the survivors of a lost rank or
+    # node would score all their shards before failing; stopped at once, the rerun resumes sooner.
+    res.kill_on_bad_exit = True
     if res.name == "hpc":
         res.name = "infer"
     res.dependency = dependency or res.dependency
@@ -223,9 +235,15 @@ def submit_infer(cfg: InferConfig, res: SlurmResources, mode: str = "slurm", dry
 
 def _validate_infer(cfg: InferConfig, nproc: int = 1) -> None:
     """What the job would refuse, refused now (``InferConfig`` checked its own values): the model
-    references (resolved in the registry) and the input split."""
+    references (resolved in the registry), the input split, an ``--output`` that is a file or that
+    a running job writes (its ``_LOCK``)."""
     if nproc < 1:
         raise ValueError(f"--nproc {nproc}: must be >= 1")
+    check_output(cfg.output)
+    holder = lock_holder(cfg.output)
+    if holder is not None:
+        raise ValueError(f"--output {cfg.output}: another hpc infer is writing this directory ({holder}); "
+                         "wait for it (a rerun resumes a finished or failed one), or choose another --output")
     reg = Registry(cfg.registry)
     for ref in cfg.refs:
         reg.resolve(ref)
@@ -315,7 +333,8 @@ def submit_pipeline(config: str, overrides: Sequence[str], res: SlurmResources, 
     run_dir, _ = train_layout(cfg, "slurm")
     small = replace(res, nodes=1, tasks_per_node=1, gpus_per_node=0, mpi=False, name=f"{res.name}-register",
                     time="0:30:00" if res.minutes is None or res.minutes > 30 else res.time)
-    infer_res = replace(res, nodes=1, tasks_per_node=infer_tasks or res.tasks_per_node, name=f"{res.name}-infer")
+    infer_res = replace(res, nodes=1, tasks_per_node=infer_tasks or res.tasks_per_node, name=f"{res.name}-infer",
+                        kill_on_bad_exit=True)
     out = Path(infer_output).resolve()
     infer_folder = out.parent / f"{out.name}.{LOG_DIR}-%j"
     # Resolved when the stage runs, after the register stage has pointed the alias at the new version.

@@ -105,9 +105,12 @@ def infer_argv(cfg: InferConfig) -> list[str]:
 
 
 def infer_task(cfg: InferConfig, nproc: int = 1) -> dict:
-    """Score ``cfg`` on this rank (or, ``nproc > 1`` outside an MPI/Slurm launch, on N local MPI
-    ranks); the rank's summary (rank 0's holds the output manifest). A failure fails the job."""
+    """Score ``cfg`` on this rank (a Slurm task of a job of several: the ranks are the tasks), or,
+    ``nproc > 1`` in a job of one task (Slurm, ``--local``), on N MPI ranks it starts here; the
+    rank's summary (rank 0's holds the output manifest). A failure fails the job."""
     progress_interval_s()  # checked alike on every rank before starting: only rank 0 reports progress
+    # In a Slurm task, launch_local's environment keeps mpiexec's ranks on this node (PRTE_MCA_ras=^slurm,
+    # hpc.dist.spawn.launch_env): Open MPI would otherwise launch them through Slurm onto the job's nodes.
     if nproc > 1 and world_from_env().size == 1:
         rc = launch_local(nproc, infer_argv(cfg))
         if rc != 0:

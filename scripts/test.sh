@@ -8,8 +8,10 @@ source "$(dirname "${BASH_SOURCE[0]}")/_env.sh"
 cd "$REPO"
 
 if [ "$(id -u)" = 0 ] || command -v sinfo >/dev/null 2>&1; then
-  log "bringing up the local Slurm cluster (slurm/dev-cluster.sh up)"
-  if ! bash slurm/dev-cluster.sh up; then
+  # Two nodes (n1, n2 on this host): the multi-node tests need them, and every one-node test runs
+  # on them as well (a one-node job lands on either).
+  log "bringing up the local Slurm cluster (slurm/dev-cluster.sh up --nodes 2)"
+  if ! bash slurm/dev-cluster.sh up --nodes 2; then
     log "the local Slurm cluster did not come up: Slurm tests will skip (and fail under CI=true)"
   fi
 fi
@@ -28,6 +30,13 @@ fi
 
 log "checking the import layers (lint-imports: contracts in pyproject.toml, docs/DESIGN.md)"
 lint-imports --no-cache
+
+# Horovod for the horovod backend tests: built from source once (~3-10 minutes), then installed from
+# the cached wheel in seconds (scripts/build-horovod.sh; HPC_HOROVOD_CACHE; HPC_SKIP_HOROVOD=1 skips).
+if [ "${HPC_SKIP_HOROVOD:-0}" != 1 ]; then
+  bash scripts/build-horovod.sh --install \
+    || log "Horovod was not built: the horovod tests will skip (and fail under CI=true)"
+fi
 
 log "running the test suite"
 set +e

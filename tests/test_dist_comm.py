@@ -94,16 +94,6 @@ def test_mpi_backend_refuses_a_world_mpi_does_not_see():
     assert "VALUEERROR" in out and "srun --mpi=pmix" in out, out
 
 
-def test_horovod_missing_is_a_clear_error():
-    try:
-        import horovod.torch  # noqa: F401
-        pytest.skip("horovod is installed")
-    except ImportError:
-        pass
-    with pytest.raises(ValueError, match="HOROVOD_WITH_PYTORCH=1.*use backend mpi or torch"):
-        init_comm("horovod", world=World())
-
-
 def test_static_rendezvous_rules():
     env = {"MASTER_ADDR": "10.0.0.5", "MASTER_PORT": "29500", "RANK": "1", "WORLD_SIZE": "2"}
     assert static_rendezvous(world_from_env(env), env) == ("10.0.0.5", 29500)

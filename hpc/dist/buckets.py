@@ -2,7 +2,9 @@
 
 Why buckets: one allreduce per tensor pays the per-message latency hundreds of times (a 200-tensor
 model), one allreduce of everything cannot start before the whole backward pass is done. Buckets of
-a few tens of MB are large enough to run at full bandwidth and small enough to start early.
+a few tens of MB are large enough to run at full bandwidth and small enough to start early; at most
+32 MB, because Open MPI's all-reduce allocates a message-sized scratch buffer and glibc maps a fresh
+one for every malloc over 32 MB: a 64 MB message cost twice as much per byte (docs/dist.md).
 """
 
 from __future__ import annotations

@@ -7,10 +7,13 @@ How a step goes (see docs/dist.md):
 2. During ``loss.backward()`` a post-accumulate-grad hook divides each finished gradient by the world
    size (in place, while it is still in cache); when a bucket is complete, and every bucket before it
    was started (so all ranks issue the collectives in the same order), its all-reduce starts
-   (``comm.iallreduce_``: MPI ``Iallreduce``, torch async work). On backends without overlap,
-   reductions start in ``synchronize()``.
-3. ``synchronize()`` (before ``optimizer.step()``) starts what has not started (parameters without a
-   gradient on this rank contribute zeros), waits, and leaves the averaged gradients in ``p.grad``.
+   (``comm.iallreduce_``: MPI ``Iallreduce``, torch async work, in place on the bucket's buffer),
+   at most ``max_inflight`` at a time (1 on the mpi backend, see ``MAX_INFLIGHT``); the hooks retire
+   finished ones and start the next. On backends without overlap, reductions start in
+   ``synchronize()``.
+3. ``synchronize()`` (before ``optimizer.step()``) packs what backward did not deliver (parameters
+   without a gradient on this rank contribute zeros) while the previous bucket is on the wire, starts
+   each bucket when the in-flight limit allows, waits, and leaves the averaged gradients in ``p.grad``.
 
 Costs: no extra gradient memory and no copies as long as the views stay in place: zero gradients
 with ``gs.zero_grad()`` (or ``optimizer.zero_grad(set_to_none=False)``). ``set_to_none=True`` makes
@@ -23,6 +26,7 @@ With one rank nothing is packed, copied or hooked.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 from typing import Any, Iterable, Iterator
 
@@ -31,8 +35,21 @@ import torch
 from hpc.dist.buckets import assign_buckets
 from hpc.dist.comm import Comm, Handle
 
-# Chosen by `hpc bench allreduce` (docs/dist.md: 4/25/64/128 MB measured on 2 ranks).
+# Chosen by `hpc bench allreduce` (docs/dist.md: 4/25/64/128 MB measured on 2 ranks). Stay at or
+# below 32 MB: Open MPI's all-reduce allocates a message-sized scratch buffer, and glibc serves a
+# malloc over 32 MB (its largest mmap threshold) with fresh pages from mmap on every call: a 64 MB
+# bucket took about twice as long per byte as a 25 MB one (docs/dist.md).
 DEFAULT_BUCKET_MB = 25.0
+# Bucket reductions in flight at once on the mpi backend. More are slower, not faster: Open MPI's
+# non-blocking collectives (libnbc) progress every active schedule round-robin inside whichever MPI
+# call is made, so N concurrent all-reduces each move in small steps and evict each other's data
+# from the caches (2 ranks, 100 MB in 4 MB pieces: 25 Iallreduces started together took 2.5x as
+# long as the same 25 one after the other; GradSync.synchronize 5-18 % faster with the limit,
+# docs/dist.md). One in flight still overlaps with the packing of the next bucket and with the
+# rest of backward. Backends whose collectives progress on their own threads (torch: gloo/NCCL,
+# horovod) keep no limit, as before.
+MAX_INFLIGHT = 1
+_CALLER_PROGRESS = ("mpi",)
 COMPRESSIONS = (None, "fp16")
 _MB = 1 << 20
 
@@ -62,9 +79,12 @@ class GradSync:
     """All-reduce (average) the gradients of ``params`` over ``comm``; see the module docstring."""
 
     def __init__(self, comm: Comm, params: Iterable[torch.nn.Parameter], bucket_mb: float = DEFAULT_BUCKET_MB,
-                 compression: str | None = None, average: bool = True):
+                 compression: str | None = None, average: bool = True, max_inflight: int | None = None):
         if not (isinstance(bucket_mb, (int, float)) and bucket_mb > 0):
             raise ValueError(f"bucket_mb={bucket_mb!r}: must be a positive number of MB")
+        if max_inflight is not None and not (isinstance(max_inflight, int) and max_inflight >= 1):
+            raise ValueError(f"max_inflight={max_inflight!r}: must be a positive integer (or None: "
+                             f"{MAX_INFLIGHT} on the mpi backend, no limit on the others)")
         if compression not in COMPRESSIONS:
             raise ValueError(f"compression={compression!r}: valid values: {', '.join(map(str, COMPRESSIONS))}")
         self.comm, self.bucket_mb, self.compression, self.average = comm, bucket_mb, compression, average
@@ -78,6 +98,10 @@ class GradSync:
         self.buckets: list[_Bucket] = []
         self._slot: dict[int, tuple[int, int]] = {}  # id(param) -> (bucket index, position in bucket)
         self._next = 0  # first bucket whose reduction has not started
+        if max_inflight is None:
+            max_inflight = MAX_INFLIGHT if comm.backend in _CALLER_PROGRESS else 1 << 30
+        self.max_inflight = max_inflight
+        self._inflight: collections.deque[_Bucket] = collections.deque()  # started, not seen finished
         self._hooks = []
         if comm.size == 1:
             return  # nothing to reduce: no buffers, no hooks, no copies
@@ -125,16 +149,20 @@ class GradSync:
                                "accumulation wrap the first k-1 micro-batches in `with gradsync.no_sync():`")
         self._pack(bucket, k)
         bucket.ready.add(k)
-        if not self.comm.overlap:
-            return
-        if len(bucket.ready) == len(bucket.params) and b == self._next:
-            while self._next < len(self.buckets) and \
-                    len(self.buckets[self._next].ready) == len(self.buckets[self._next].params):
-                self._start(self.buckets[self._next])
-        else:
-            # MPI moves a non-blocking collective forward only inside MPI calls: poke the ones in flight.
-            for started in self.buckets[max(0, self._next - 2):self._next]:
-                started.handle.test()
+        if self.comm.overlap:
+            self._pump()
+
+    def _pump(self) -> None:
+        """Retire finished reductions and start complete buckets, in index order (the same on every
+        rank), while fewer than ``max_inflight`` are in flight. The ``test()`` also moves the oldest
+        reduction forward: MPI progresses a non-blocking collective only inside MPI calls."""
+        while self._inflight and self._inflight[0].handle.test():
+            self._inflight.popleft()
+        while self._next < len(self.buckets) and len(self._inflight) < self.max_inflight:
+            bucket = self.buckets[self._next]
+            if len(bucket.ready) < len(bucket.params):
+                break
+            self._start(bucket)
 
     def _pack(self, bucket: _Bucket, k: int) -> None:
         """Put gradient k into the bucket, divided by the world size when averaging (before the sum:
@@ -156,19 +184,28 @@ class GradSync:
 
     def _start(self, bucket: _Bucket) -> None:
         bucket.handle = self.comm.iallreduce_(bucket.flat, "sum")
+        self._inflight.append(bucket)
         self._next += 1
 
     # -- before the optimizer step ----------------------------------------------------------------
     @torch.no_grad()
     def synchronize(self) -> None:
         """Finish every bucket's reduction; ``p.grad`` then holds the average over ranks."""
-        for bucket in self.buckets[self._next:]:
+        for i in range(self._next, len(self.buckets)):
+            bucket = self.buckets[i]
+            # Pack what backward did not deliver while the previous bucket is on the wire...
             for k in range(len(bucket.params)):
                 if k not in bucket.ready:
                     self._pack(bucket, k)
-                    if self._next and k % 8 == 0:  # keep the previous bucket moving (see _on_grad)
-                        self.buckets[self._next - 1].handle.test()
-            self._start(bucket)
+                    bucket.ready.add(k)
+                    if k % 8 == 0:
+                        self._pump()
+            # ...then start this one as soon as the in-flight limit allows.
+            self._pump()
+            while self._next <= i:
+                self._inflight[0].handle.wait()
+                self._pump()
+        self._inflight.clear()
         for bucket in self.buckets:
             bucket.handle.wait()
             if not bucket.as_grad:

@@ -261,3 +261,217 @@ def test_buffer_pool_reuses_only_dropped_arrays():
     del view, b, c
     d = pool.get((4, 2), np.float32)
     assert any(d is x for x in pool.arrays[((4, 2), np.dtype(np.float32).str)])
+
+
+# -- the read paths against a straightforward reference read (hpc.data.parallelfill / rawio) -------
+
+def _write_layout(d, dtype, compression, shuffle, chunk_rows, shape=(3, 16, 16), counts=(70, 45, 61), noisy=()):
+    """Shards as another lab writes them (h5py, any chunking/filters), indexed in place. Each row
+    holds its global id (x[..., 0] = id % 251, x[..., 1] = id // 251) over a compressible pattern;
+    shards in ``noisy`` hold random bytes (chunks that gzip/lzf cannot shrink, stored unfiltered)."""
+    import h5py
+
+    from hpc.data import index_hdf5
+
+    d.mkdir(parents=True)
+    rng = np.random.default_rng(3)
+    start = 0
+    for i, n in enumerate(counts):
+        ids = np.arange(start, start + n)
+        size = int(np.prod(shape))
+        if i in noisy:
+            x = rng.integers(0, 256, size=(n, size))
+        else:
+            x = (ids[:, None] * 3 + np.arange(size)[None, :] // 7) % 200
+        x[:, 0], x[:, 1] = ids % 251, ids // 251
+        comp = compression[i % len(compression)] if isinstance(compression, tuple) else compression
+        with h5py.File(d / f"part-{i}.h5", "w") as f:
+            kw = dict(chunks=None) if chunk_rows is None else dict(chunks=(chunk_rows,) + shape, compression=comp,
+                                                                 shuffle=shuffle)
+            f.create_dataset("x", data=x.reshape((n,) + shape).astype(dtype), **kw)
+            ykw = {} if chunk_rows is None else dict(chunks=(chunk_rows,), compression=comp, shuffle=shuffle)
+            f.create_dataset("y", data=ids % 5, dtype="int64", **ykw)
+        start += n
+    index_hdf5(d, {"x": "/x", "y": "/y"})
+    return d
+
+
+def _reference(reader, normalize):
+    """The batches ``reader`` must yield, read the plain way: every row of the split with h5py,
+    indexed by the pure plan's row order, padded, converted, normalized."""
+    import h5py
+
+    from hpc.data.normalize import input_stats, normalizer
+    from hpc.data.shardio import yielded
+
+    m = reader.manifest
+    data = {}
+    for k in m.fields:
+        parts = []
+        for i, info in enumerate(m.shards):
+            with h5py.File(m.shard_path(i), "r") as f:
+                parts.append(f[info.datasets[k]][()])
+        data[k] = np.concatenate(parts)
+    ids = rank_order(m.sample_counts, reader.block_rows, reader.world_size, reader.rank, reader.seed,
+                     reader.epoch, reader.window_samples)
+    norm = normalizer(input_stats(m.schema(), m.stats) if normalize else {}, {k: s.shape for k, s in m.fields.items()})
+    bs, out = reader.batch_size, []
+    for j in range(reader.batches_per_epoch):
+        take = ids[j * bs:(j + 1) * bs]
+        pad = bs - len(take)
+        b = {}
+        for k in m.fields:
+            v = np.concatenate([data[k][take], np.zeros((pad,) + data[k].shape[1:], data[k].dtype)])
+            b[k] = norm(k, yielded(m, k, v).copy())
+        b["row_id"] = np.concatenate([take, np.full(pad, -1)]).astype(np.int64)
+        b["weight"] = np.concatenate([np.ones(len(take)), np.zeros(pad)]).astype(np.float32)
+        out.append(b)
+    return out
+
+
+LAYOUTS = {  # name: (dtype, compression, shuffle, chunk rows, per-sample shape, incompressible shards)
+    "float32 raw chunks (scatter)": ("float32", None, False, 20, (3, 16, 16), ()),
+    "float32 contiguous (scatter)": ("float32", None, False, None, (3, 16, 16), ()),
+    "float32 gzip": ("float32", "gzip", False, 20, (3, 16, 16), ()),
+    "float32 gzip + shuffle": ("float32", "gzip", True, 20, (3, 16, 16), ()),
+    "uint8 lzf, a shard stored unfiltered": ("uint8", "lzf", False, 20, (3, 16, 16), (2,)),
+    "float16 lzf + shuffle": ("float16", "lzf", True, 20, (3, 16, 16), ()),
+    "gzip and unfiltered shards mixed": ("float32", ("gzip", None), False, 20, (3, 16, 16), ()),
+    "small rows raw (gather)": ("float32", None, False, 20, (5,), ()),
+    "small rows gzip + shuffle": ("int16", "gzip", True, 20, (5,), ()),
+}
+
+
+@pytest.fixture(scope="module", params=sorted(LAYOUTS))
+def layout(request, tmp_path_factory):
+    dtype, comp, shuffle, chunk, shape, noisy = LAYOUTS[request.param]
+    return _write_layout(tmp_path_factory.mktemp("layout") / "train", dtype, comp, shuffle, chunk, shape, noisy=noisy)
+
+
+def test_layouts_are_read_without_hdf5_as_intended(layout, request):
+    import h5py
+
+    from hpc.data import rawio
+
+    dtype, comp, shuffle, chunk, shape, noisy = LAYOUTS[request.node.callspec.params["layout"]]
+    m = load_manifest(layout)
+    for i in range(len(m.shards)):
+        with h5py.File(m.shard_path(i), "r") as f:
+            t = rawio.ChunkTable.from_dataset(f["x"])
+        assert t is not None  # every layout here is read outside HDF5
+        filtered = (comp[i % len(comp)] if isinstance(comp, tuple) else comp) is not None
+        assert t.raw == (not filtered)
+        # lzf could not shrink random chunks, so HDF5 stored them unfiltered (filter mask set):
+        # that branch of the decoder is exercised too
+        assert bool((t.masks != 0).any()) == (i in noisy), i
+
+
+@pytest.mark.parametrize("io_threads", [1, 3])
+def test_batches_equal_a_reference_read_of_the_same_rows(layout, io_threads):
+    cases = [dict(rank=1, world_size=3, seed=4, remainder="pad", normalize=True, block_rows=7),
+             dict(rank=0, world_size=2, seed=9, remainder="drop", normalize=False, block_rows=30),
+             dict(rank=0, world_size=1, seed=1, remainder="pad", normalize=False, block_rows=None,
+                  shuffle_buffer_mb=1.0)]
+    for kw in cases:
+        kw = dict(kw)
+        mb = kw.pop("shuffle_buffer_mb", 40 * 3 * 16 * 16 * 4 / 2**20)  # windows of ~40 rows: many per epoch
+        for epoch in (0, 1):
+            r = StreamingReader(layout, batch_size=16, shuffle_buffer_mb=mb, io_threads=io_threads, prefetch=2, **kw)
+            r.set_epoch(epoch)
+            want = _reference(r, kw["normalize"])
+            got = collect(r)
+            assert len(got) == len(want) > 0
+            for g, e in zip(got, want):
+                assert g.keys() == e.keys()
+                for k in g:  # the same bytes, not just close values
+                    assert g[k].dtype == e[k].dtype and g[k].tobytes() == e[k].tobytes(), (kw, epoch, k)
+            # and the portable path (HDF5 for every read) agrees
+            h = StreamingReader(layout, batch_size=16, shuffle_buffer_mb=mb, direct_io=False, prefetch=0, **kw)
+            h.set_epoch(epoch)
+            assert same_batches(collect(h), got)
+
+
+def test_resume_on_the_parallel_path_yields_the_rest_of_the_epoch(layout):
+    kw = dict(batch_size=8, seed=3, remainder="pad", block_rows=7, io_threads=3,
+              shuffle_buffer_mb=30 * 3 * 16 * 16 * 4 / 2**20, augment=None)
+    full = collect(StreamingReader(layout, 1, 2, **kw))
+    for k in (1, len(full) // 2, len(full) - 1):
+        a = StreamingReader(layout, 1, 2, **kw)
+        it = iter(a)
+        for _ in range(k):
+            next(it)
+        state = a.state_dict()
+        it.close()
+        b = StreamingReader(layout, 1, 2, **kw)
+        b.load_state_dict(state)
+        b.set_epoch(0)
+        assert same_batches(collect(b), full[k:]), k
+
+
+def test_portable_path_without_ctypes_preadv_gives_the_same_batches(layout, monkeypatch):
+    from hpc.data import rawio
+
+    kw = dict(batch_size=16, seed=2, remainder="pad", block_rows=7, shuffle_buffer_mb=0.05)
+    fast = collect(StreamingReader(layout, 0, 1, **kw))
+    monkeypatch.setattr(rawio, "_PREADV", None)  # e.g. a platform without libc preadv
+    assert not rawio.available()
+    assert same_batches(collect(StreamingReader(layout, 0, 1, **kw)), fast)
+
+
+def test_a_corrupt_compressed_chunk_names_the_shard(tmp_path):
+    import h5py
+
+    from hpc.data import rawio
+
+    d = _write_layout(tmp_path / "train", "float32", "gzip", False, 20)
+    m = load_manifest(d)
+    with h5py.File(m.shard_path(1), "r") as f:
+        t = rawio.ChunkTable.from_dataset(f["x"])
+    with open(m.shard_path(1), "r+b") as f:  # garble the middle of a compressed chunk
+        f.seek(int(t.offsets[1] + t.sizes[1] // 2))
+        f.write(b"\xff" * 64)
+    r = StreamingReader(d, 0, 1, 8, io_threads=3, verify=False)
+    with pytest.raises(ShardReadError, match=r"part-1\.h5: read of 'x' failed .*cannot decompress"):
+        collect(r)
+
+
+@pytest.mark.parametrize("io_threads", [1, 3])
+def test_held_batches_survive_buffer_reuse_on_every_path(layout, io_threads):
+    # The consumer keeps every batch (as tensors, no copies) of two epochs: recycled batch and
+    # window buffers must never be written while it holds them.
+    r = StreamingReader(layout, 0, 1, 8, seed=6, normalize=False, remainder="pad", block_rows=7,
+                        shuffle_buffer_mb=0.02, prefetch=2, io_threads=io_threads)
+    held = list(r) + list(r)
+    for b in held:
+        real = b["weight"] > 0
+        x = b["x"].reshape(len(real), -1)[real]
+        ids = b["row_id"][real]
+        assert torch.equal(x[:, 0].double(), (ids % 251).double()) and torch.equal(x[:, 1].double(),
+                                                                                   (ids // 251).double())
+        assert torch.equal(b["y"][real], ids % 5)
+
+
+def test_bench_loader_emits_its_rows(tmp_path, capsys):
+    import json
+
+    from hpc.cli import main as cli
+
+    assert cli(["data", "synth", "--kind", "images", "--samples", "500", "--size", "16", "--split", "train=1",
+                "--out", str(tmp_path / "d")]) == 0
+    capsys.readouterr()
+    out_json = tmp_path / "b.json"
+    assert cli(["bench", "loader", "--data", str(tmp_path / "d"), "--repeat", "1", "--naive-samples", "32",
+                "--rss-gb", "", "--compact-samples", "0", "--integrity-samples", "0", "--uint8-samples", "300",
+                "--rss-dir", str(tmp_path), "--json", str(out_json)]) == 0
+    out = capsys.readouterr().out
+    assert "reader/raw = " in out and "reader/practical limit = " in out and "median of 1 interleaved" in out
+    names = [line.split("|")[1].strip() for line in out.splitlines() if line.startswith("| ")]
+    main_rows = ["raw", "practical limit", "reader", "reader, 1 io thread", "reader_hdf5_io", "naive"]
+    assert names == ["loader"] + main_rows + ["loader"] + main_rows[:4]
+    res = json.loads(out_json.read_text())
+    assert res["statistic"] == "median" and res["reader_vs_raw"] > 0 and res["reader_vs_practical"] > 0
+    assert {k: res[k]["samples"] for k in main_rows[:5]} == dict.fromkeys(main_rows[:5], 500)
+    u8 = res["uint8"]
+    assert all(v["samples"] == 300 for v in u8["rows"].values())
+    assert (res["bytes_per_sample"] - 8) == 4 * (u8["bytes_per_sample"] - 8)  # x: 4x fewer bytes moved
+    assert not list(tmp_path.glob("hpc-uint8-*"))  # the copy is removed

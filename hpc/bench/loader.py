@@ -1,15 +1,22 @@
-"""`hpc bench loader`: the streaming reader vs raw h5py reads vs a naive per-sample Dataset.
+"""`hpc bench loader`: the streaming reader vs raw h5py reads, the practical limit of a shuffled
+read, and a naive per-sample Dataset.
 
-Measured in one run on the same shards (after one untimed warm-up pass, so all three read from the
-same page-cache state): (a) raw sequential ``read_direct`` of whole shard datasets, the limit;
-(b) ``StreamingReader`` (rank 0 of 1, shuffled, prefetch threads, no normalization/augmentation),
-and the same with ``direct_io=False`` (every read through HDF5) for reference;
-(c) a map-style torch Dataset reading one sample per ``__getitem__`` through h5py, under a
-DataLoader (handles opened per worker). (d) Compact dtypes: the first ``--compact-samples`` images of
-the data as uint8 shards and as float32 shards of the same values (quantized from the data when it
-is not uint8 already), each read by the reader with normalization (uint8: 4x fewer bytes read,
-converted to float32 per batch). Then, in child processes, peak RSS while streaming a synthetic
-image data set of each ``--rss-gb`` size (generated chunk by chunk, then deleted).
+Measured in one run on the same shards, each after one untimed warm-up pass (so all read from the
+same page-cache state), in interleaved repeats, medians printed: (a) raw sequential ``read_direct``
+of whole shard datasets into one buffer: one copy, no shuffle, the limit; (b) the *practical
+limit* of a shuffled read: the reader's own plan (rank 0 of 1, seed 0), each window's chunks read
+raw (``ShardFiles.read``: ``os.preadv`` for unfiltered data, HDF5 otherwise) into a window buffer,
+then one ``np.take`` per batch into a ring of reused batch buffers, in one thread, no torch;
+(c) ``StreamingReader`` (shuffled, prefetch threads, no normalization/augmentation) with its
+default ``io_threads`` and with one, and with ``direct_io=False`` (every read through HDF5);
+(d) a map-style torch Dataset reading one sample per ``__getitem__`` through h5py, under a
+DataLoader (handles opened per worker). (e) The same images stored as uint8 (quantized from the
+data's statistics unless already uint8, as ``--store-dtype uint8`` stores them): raw, practical
+limit and reader again, moving 4x fewer bytes (the reader yields float32, converted per batch).
+(f) Compact dtypes with normalization: the first ``--compact-samples`` images as uint8 and as
+float32 shards of the same values, each read by the reader with normalization, as a trainer reads.
+(g) Content checks (see ``_integrity``). Then, in child processes, peak RSS while streaming a
+synthetic image data set of each ``--rss-gb`` size (generated chunk by chunk, then deleted).
 """
 
 from __future__ import annotations
@@ -38,7 +45,7 @@ def register(sub) -> None:
     p.add_argument("--data", required=True, help="a split directory (or a data set with a train/ split)")
     p.add_argument("--json", default=None, help="write raw figures and ratios here")
     p.add_argument("--batch-size", type=int, default=256)
-    p.add_argument("--repeat", type=int, default=3, help="interleaved passes of raw and reader; best of each")
+    p.add_argument("--repeat", type=int, default=3, help="interleaved passes of each loader; medians are printed")
     p.add_argument("--naive-samples", type=int, default=20000,
                    help="samples the naive loader reads (it is slow; its rate is per sample)")
     p.add_argument("--naive-workers", type=int, default=0, help="DataLoader workers of the naive loader")
@@ -48,6 +55,8 @@ def register(sub) -> None:
     p.add_argument("--compact-samples", type=int, default=20000,
                    help="images copied to uint8 and float32 shard sets (in --rss-dir) for the compact-dtype "
                         "rows; 0 to skip")
+    p.add_argument("--uint8-samples", type=int, default=-1,
+                   help="rows of the data copied as uint8 for the uint8 rows of the main table (-1: all; 0 to skip)")
     p.add_argument("--integrity-samples", type=int, default=20000,
                    help="rows copied (whole shards) plain and with fletcher32 for the content-check rows; 0 to skip")
     p.set_defaults(func=run)
@@ -80,18 +89,64 @@ def _raw(m, bufs: dict) -> tuple[int, int, float]:
 
 
 def _reader(split: Path, batch_size: int, direct_io: bool = True, normalize: bool = False,
-            verify: bool = False) -> tuple[int, float]:
+            verify: bool = False, io_threads: int | None = None) -> tuple[int, float]:
     """One pass of a new StreamingReader. ``verify=False`` by default: the read path is what the
     other rows compare; the content check's cost (the first epoch of a run hashes every shard it
     reads) has rows of its own (``_integrity``)."""
     from hpc.data import StreamingReader
 
     r = StreamingReader(split, 0, 1, batch_size, seed=0, normalize=normalize, remainder="pad", direct_io=direct_io,
-                        verify=verify)
+                        verify=verify, io_threads=io_threads)
     t0, n = time.perf_counter(), 0
     for b in r:
         n += int(b["weight"].count_nonzero())
     return n, time.perf_counter() - t0
+
+
+def _practical(split: Path, batch_size: int, ring: list) -> tuple[int, float]:
+    """The practical limit of a shuffled read: the reader's plan (rank 0 of 1, seed 0, its windows
+    and sample order), each window's chunks read raw into a reused window buffer, then one
+    ``np.take`` per batch into ``ring`` (reused, pre-touched batch buffers): the chunk read plus one
+    gather copy, in one thread, without threads, torch or per-batch bookkeeping."""
+    from hpc.data import StreamingReader
+    from hpc.data.shardio import ShardFiles
+
+    r = StreamingReader(split, 0, 1, batch_size, seed=0, remainder="pad", verify=False, prefetch=0)
+    m, names = r.manifest, list(r.manifest.fields)
+    t0, n, j, bufs = time.perf_counter(), 0, 0, {}
+    plan = r.plan(0)
+    files = ShardFiles(m)
+    try:
+        for w in range(len(plan.starts) - 1):
+            win = files.read(plan.window_segments(w), names, into=bufs)
+            perm = plan.window_perm(w)
+            for a in range(0, len(perm), batch_size):
+                idx, out = perm[a:a + batch_size], ring[j % len(ring)]
+                for k in names:
+                    np.take(win[k], idx, axis=0, out=out[k][:len(idx)])
+                n, j = n + len(idx), j + 1
+    finally:
+        files.close()
+    return n, time.perf_counter() - t0
+
+
+def _ring(m, batch_size: int, k: int = 4) -> list:
+    return [{name: np.ones((batch_size,) + s.shape, s.dtype) for name, s in m.fields.items()} for _ in range(k)]
+
+
+def _medians(cases: dict, repeat: int) -> dict:
+    """Each case (``name -> () -> (samples, seconds)``) once untimed, then ``repeat`` interleaved
+    timed passes (on a shared machine a neighbour's burst hits one pass, not one side of a ratio);
+    the median of each."""
+    for f in cases.values():
+        f()
+    times: dict = {k: [] for k in cases}
+    n = {}
+    for _ in range(max(1, repeat)):
+        for k, f in cases.items():
+            n[k], t = f()
+            times[k].append(t)
+    return {k: {"samples": n[k], "seconds": float(np.median(times[k])), "all_seconds": times[k]} for k in cases}
 
 
 class NaiveH5Dataset:
@@ -170,9 +225,9 @@ def _rss(gb: float, where: str | None, batch_size: int) -> dict:
         shutil.rmtree(root, ignore_errors=True)
 
 
-def _compact_sets(m, root: Path, samples: int) -> dict[str, Path]:
-    """The first ``samples`` rows of ``m`` as two shard sets holding the same values: x as uint8
-    (quantized, 128 + 32 sigma, from the data's statistics unless already uint8) and as float32."""
+def _compact_sets(m, root: Path, samples: int, dtypes=("uint8", "float32")) -> dict[str, Path]:
+    """The first ``samples`` rows of ``m`` as shard sets holding the same values, one per dtype of x:
+    uint8 (quantized, 128 + 32 sigma, from the data's statistics unless already uint8), float32."""
     from hpc.data import FieldSpec, ShardWriter
     from hpc.data.normalize import input_stats, normalizer
     from hpc.data.reader import iter_shard
@@ -180,7 +235,7 @@ def _compact_sets(m, root: Path, samples: int) -> dict[str, Path]:
     norm = normalizer(input_stats(m.schema(), m.stats), {k: s.shape for k, s in m.fields.items()})
     ytype = m.schema()["fields"]["y"]["dtype"]
     writers = {d: ShardWriter(root / d, m.task, {"x": FieldSpec(d, m.fields["x"].shape), "y": FieldSpec(ytype, ())},
-                              source="bench") for d in ("uint8", "float32")}
+                              source="bench") for d in dtypes}
     left = samples
     for s in range(len(m.shards)):
         for b in iter_shard(m, s, 4096, normalize=False):
@@ -201,26 +256,26 @@ def _compact_sets(m, root: Path, samples: int) -> dict[str, Path]:
 
 def _compact(m, args) -> dict | None:
     """Reader samples/s on uint8 vs float32 shards of the same images (normalized, as a trainer reads)."""
-    if args.compact_samples <= 0 or m.task == "ratings" or not m.fields["x"].shape:
+    if args.compact_samples <= 0 or not _imagelike(m):
         return None
     root = Path(tempfile.mkdtemp(prefix="hpc-compact-", dir=args.rss_dir))
     try:
         sets = _compact_sets(m, root, args.compact_samples)
-        best = {d: float("inf") for d in sets}
-        for d, split in sets.items():
-            n, _ = _reader(split, args.batch_size, normalize=True)  # warm-up: page cache, pools
-        for _ in range(args.repeat):  # interleaved, best of each
-            for d, split in sets.items():
-                n, t = _reader(split, args.batch_size, normalize=True)
-                best[d] = min(best[d], t)
+        runs = _medians({d: (lambda split=split: _reader(split, args.batch_size, normalize=True))
+                         for d, split in sets.items()}, args.repeat)
         per = {d: int(np.prod(m.fields["x"].shape, dtype=np.int64)) * np.dtype(d).itemsize for d in sets}
-        out = {d: {"samples": n, "seconds": best[d], "samples_per_s": n / best[d],
-                   "x_bytes_per_sample": per[d], "mb_per_s": n * per[d] / best[d] / 1e6,
+        out = {d: {"samples": runs[d]["samples"], "seconds": runs[d]["seconds"],
+                   "samples_per_s": runs[d]["samples"] / runs[d]["seconds"],
+                   "x_bytes_per_sample": per[d], "mb_per_s": runs[d]["samples"] * per[d] / runs[d]["seconds"] / 1e6,
                    "bytes": sum(f.stat().st_size for f in sets[d].iterdir())} for d in sets}
         out["uint8_vs_float32"] = out["uint8"]["samples_per_s"] / out["float32"]["samples_per_s"]
         return out
     finally:
         shutil.rmtree(root, ignore_errors=True)
+
+
+def _imagelike(m) -> bool:
+    return m.task != "ratings" and "x" in m.fields and bool(m.fields["x"].shape)
 
 
 def _checksum_copies(m, root: Path, samples: int) -> dict:
@@ -280,46 +335,92 @@ def _integrity(m, args) -> dict | None:
         shutil.rmtree(root, ignore_errors=True)
 
 
+def _read_rows(split: Path, args, with_naive: bool) -> dict:
+    """The main table's loaders on one shard set: medians of interleaved passes (plus the naive
+    loader once, when asked: it is slow and per-sample)."""
+    from hpc.data import load_manifest
+    from hpc.data.parallelfill import default_io_threads
+
+    m = load_manifest(split)
+    bufs, ring = _raw_buffers(m), _ring(m, args.batch_size)
+    cases = {
+        "raw": lambda: _raw(m, bufs)[::2],
+        "practical limit": lambda: _practical(split, args.batch_size, ring),
+        "reader": lambda: _reader(split, args.batch_size),
+        "reader, 1 io thread": lambda: _reader(split, args.batch_size, io_threads=1),
+    }
+    if with_naive:
+        cases["reader_hdf5_io"] = lambda: _reader(split, args.batch_size, direct_io=False)
+    res = _medians(cases, args.repeat)
+    del bufs, ring
+    if with_naive:
+        n, t = _naive(m, args.batch_size, args.naive_samples, args.naive_workers)
+        res["naive"] = {"samples": n, "seconds": t, "all_seconds": [t], "workers": args.naive_workers}
+    per = sum(int(np.prod(s.shape, dtype=np.int64)) * np.dtype(s.dtype).itemsize for s in m.fields.values())
+    for v in res.values():
+        v["samples_per_s"] = v["samples"] / v["seconds"]
+        v["mb_per_s"] = v["samples"] * per / v["seconds"] / 1e6
+    for v in res.values():
+        v["vs_raw"] = v["samples_per_s"] / res["raw"]["samples_per_s"]
+        v["vs_practical"] = v["samples_per_s"] / res["practical limit"]["samples_per_s"]
+    return {"data": str(split), "x_dtype": m.fields["x"].dtype if "x" in m.fields else None,
+            "samples": m.total_samples, "bytes_per_sample": per, "shards": len(m.shards),
+            "data_mb": m.total_samples * per / 1e6, "io_threads": default_io_threads(), "rows": res}
+
+
+def _table_rows(part: dict) -> list:
+    return [[k, part["x_dtype"], part["bytes_per_sample"], v["samples"], v["seconds"], v["samples_per_s"],
+             v["mb_per_s"], v["vs_raw"], v["vs_practical"]] for k, v in part["rows"].items()]
+
+
+HEADERS = ["loader", "stored x", "bytes/sample", "samples", "seconds", "samples/s", "MB/s", "vs raw",
+           "vs practical limit"]
+
+
+def _uint8_rows(m, split: Path, args) -> dict | None:
+    """The main table's loaders on the same images stored as uint8 (a copy in ``--rss-dir``)."""
+    if args.uint8_samples == 0 or not _imagelike(m) or m.fields["x"].dtype == "uint8":
+        return None
+    root = Path(tempfile.mkdtemp(prefix="hpc-uint8-", dir=args.rss_dir))
+    try:
+        samples = m.total_samples if args.uint8_samples < 0 else min(args.uint8_samples, m.total_samples)
+        sets = _compact_sets(m, root, samples, dtypes=("uint8",))
+        return _read_rows(sets["uint8"], args, with_naive=False)
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
 def run(args) -> int:
     from hpc.data import load_manifest
 
     split = _split(args.data)
     m = load_manifest(split)
-    per_sample = sum(int(np.prod(s.shape, dtype=np.int64)) * np.dtype(s.dtype).itemsize for s in m.fields.values())
-    bufs = _raw_buffers(m)
-    _raw(m, bufs)  # warm-up: same page-cache state for all three
-    # Interleaved repeats, best of each: on a shared machine a neighbour's burst hits one pass,
-    # not one side of the ratio.
-    t_raw = t_rd = t_h5 = float("inf")
-    for _ in range(args.repeat):
-        n_raw, bytes_raw, t = _raw(m, bufs)
-        t_raw = min(t_raw, t)
-        n_rd, t = _reader(split, args.batch_size)
-        t_rd = min(t_rd, t)
-        n_h5, t = _reader(split, args.batch_size, direct_io=False)
-        t_h5 = min(t_h5, t)
-    del bufs
-    n_nv, t_nv = _naive(m, args.batch_size, args.naive_samples, args.naive_workers)
-    rate = {"raw": n_raw / t_raw, "reader": n_rd / t_rd, "reader_hdf5_io": n_h5 / t_h5, "naive": n_nv / t_nv}
+    main = _read_rows(split, args, with_naive=True)
+    rows = main["rows"]
+    load = os.getloadavg()
     result = {
-        "data": str(split), "samples": m.total_samples, "bytes_per_sample": per_sample, "shards": len(m.shards),
-        "data_mb": m.total_samples * per_sample / 1e6, "batch_size": args.batch_size,
-        "raw": {"samples": n_raw, "seconds": t_raw, "samples_per_s": rate["raw"], "mb_per_s": bytes_raw / t_raw / 1e6},
-        "reader": {"samples": n_rd, "seconds": t_rd, "samples_per_s": rate["reader"],
-                   "mb_per_s": n_rd * per_sample / t_rd / 1e6},
-        "reader_hdf5_io": {"samples": n_h5, "seconds": t_h5, "samples_per_s": rate["reader_hdf5_io"],
-                           "mb_per_s": n_h5 * per_sample / t_h5 / 1e6},
-        "naive": {"samples": n_nv, "seconds": t_nv, "samples_per_s": rate["naive"],
-                  "mb_per_s": n_nv * per_sample / t_nv / 1e6, "workers": args.naive_workers},
-        "reader_vs_raw": rate["reader"] / rate["raw"], "reader_vs_naive": rate["reader"] / rate["naive"],
-        "cpus": os.cpu_count(), "repeat": args.repeat, "load_average": os.getloadavg(),
+        "data": str(split), "samples": m.total_samples, "bytes_per_sample": main["bytes_per_sample"],
+        "shards": len(m.shards), "data_mb": main["data_mb"], "batch_size": args.batch_size,
+        "io_threads": main["io_threads"], "statistic": "median", **rows,
+        "reader_vs_raw": rows["reader"]["vs_raw"], "reader_vs_practical": rows["reader"]["vs_practical"],
+        "reader_vs_naive": rows["reader"]["samples_per_s"] / rows["naive"]["samples_per_s"],
+        "cpus": os.cpu_count(), "repeat": args.repeat, "load_average": load,
     }
-    rows = [[k, result[k]["samples"], result[k]["seconds"], result[k]["samples_per_s"], result[k]["mb_per_s"],
-             rate[k] / rate["raw"]] for k in ("raw", "reader", "reader_hdf5_io", "naive")]
-    emit(f"loader: {split} ({m.total_samples} samples, {result['data_mb']:.0f} MB, {len(m.shards)} shards, "
-         f"batch {args.batch_size}); reader/raw = {result['reader_vs_raw']:.2f}, "
+    emit(f"loader: {split} ({m.total_samples} samples, {main['data_mb']:.0f} MB, {len(m.shards)} shards, "
+         f"batch {args.batch_size}, io_threads {main['io_threads']}, median of {max(1, args.repeat)} interleaved "
+         f"passes, load {load[0]:.1f}); reader/raw = {result['reader_vs_raw']:.2f}, "
+         f"reader/practical limit = {result['reader_vs_practical']:.2f}, "
          f"reader/naive = {result['reader_vs_naive']:.1f}",
-         ["loader", "samples", "seconds", "samples/s", "MB/s", "vs raw"], rows, result, None)
+         HEADERS, _table_rows(main), result, None)
+    u8 = _uint8_rows(m, split, args)
+    if u8 is not None:
+        result["uint8"] = u8
+        r8 = u8["rows"]
+        emit(f"the same {r8['reader']['samples']} images stored as uint8 ({u8['bytes_per_sample']} bytes/sample "
+             f"read vs {main['bytes_per_sample']}); the reader yields float32; vs raw / practical limit: of the "
+             f"uint8 set; reader uint8/float32 samples/s = "
+             f"{r8['reader']['samples_per_s'] / rows['reader']['samples_per_s']:.2f}",
+             HEADERS, _table_rows(u8), result, None)
     compact = _compact(m, args)
     if compact is not None:
         result["compact"] = compact

@@ -2,11 +2,14 @@
 
 What a rank reads in an epoch is the pure plan of ``hpc.data.shuffle``; ``hpc.data.assemble``
 turns its windows (the bounded shuffle buffer, ``shuffle_buffer_mb``) into batches with whole-chunk
-reads (``hpc.data.shardio``: os.preadv for unfiltered data, HDF5 otherwise; never per-sample
-fancy indexing on h5py) of the stored bytes: features stored as uint8/int16/float16/bfloat16 are
-converted to float32 per batch after the read, then normalized. Two background threads: one
-reads, one converts, normalizes and augments; at most ``prefetch`` finished batches wait.
-Handles are opened by the reading thread (never across fork).
+reads of the stored bytes (never per-sample fancy indexing on h5py): ``hpc.data.parallelfill``
+reads a window with ``io_threads`` threads outside HDF5 and the GIL (``hpc.data.rawio``: preadv
+straight into batch slots for unfiltered rows, gzip/lzf chunks decompressed in place), and
+``hpc.data.shardio`` (os.preadv, or HDF5) reads what that cannot. Features stored as
+uint8/int16/float16/bfloat16 are converted to float32 per batch after the read, then normalized.
+Two background threads: one reads, one converts, normalizes and augments; at most ``prefetch``
+finished batches wait. Batch arrays are recycled only once nothing references them (a batch the
+caller keeps is never overwritten). Handles are opened by the reading thread (never across fork).
 
 Position is (epoch, batches handed out): ``state_dict()`` after the consumer received batch k
 resumes at batch k+1 with exactly the batches (and augmentations) an uninterrupted reader yields.
@@ -26,12 +29,14 @@ from typing import Any, Callable, Iterator, Mapping
 import numpy as np
 import torch
 
+from hpc.data import rawio
 from hpc.data.assemble import BatchAssembler, BufferPool
 from hpc.data.augment import Augment, batch_generator
 from hpc.data.integrity import ShardVerifier, check_split, label_problem
 from hpc.data.shardio import ShardFiles, ShardReadError, check_shards, yielded
 from hpc.data.manifest import Manifest, load_manifest
 from hpc.data.normalize import input_stats, normalizer
+from hpc.data.parallelfill import ParallelAssembler, batch_groups, default_io_threads
 from hpc.data.partition import batches_per_epoch
 from hpc.data.shuffle import RankPlan, rank_plan
 from hpc.data.writer import block_rows as default_block_rows
@@ -107,17 +112,22 @@ def _stats_for(m: Manifest, normalize: bool | Mapping | None) -> Mapping[str, di
     return dict(normalize)
 
 
-def _to_torch(arrays: Mapping[str, np.ndarray], m: Manifest) -> dict[str, torch.Tensor]:
-    """Integer fields as int64 (float fields are float32 already: ``_floats``)."""
-    return {k: torch.from_numpy(np.ascontiguousarray(v.astype(m.yield_dtype(k), copy=False)) if k in m.fields else v)
+def _to_torch(arrays: Mapping[str, np.ndarray], m: Manifest,
+              dtypes: Mapping[str, np.dtype] | None = None) -> dict[str, torch.Tensor]:
+    """Integer fields as int64 (float fields are float32 already: ``_floats``). ``dtypes``: the
+    manifest's ``yield_dtype`` of each field, when the caller has them already."""
+    dtypes = dtypes or {k: m.yield_dtype(k) for k in m.fields}
+    return {k: torch.from_numpy(np.ascontiguousarray(v.astype(dtypes[k], copy=False)) if k in dtypes else v)
             for k, v in arrays.items()}
 
 
-def _floats(arrays: dict[str, np.ndarray], m: Manifest, norm, pool: BufferPool | None = None) -> dict:
+def _floats(arrays: dict[str, np.ndarray], m: Manifest, norm, pool: BufferPool | None = None,
+            floats: tuple[str, ...] | None = None) -> dict:
     """Normalize (``norm``) the fields of a batch the caller owns; float fields stored compactly
     (uint8, int16, float16, ...) become float32 in the same pass, into ``pool``'s recycled arrays
-    when given (bfloat16 bits are widened first). float32 fields are normalized in place."""
-    floats = m.float_fields()
+    when given (bfloat16 bits are widened first). float32 fields are normalized in place.
+    ``floats``: ``m.float_fields()``, when the caller has it already."""
+    floats = m.float_fields() if floats is None else floats
     out = {}
     for k, v in arrays.items():
         if k in floats and (v.dtype != np.float32 or m.fields[k].encoding):
@@ -138,12 +148,14 @@ class StreamingReader:
                  normalize: bool | Mapping[str, dict] = True, augment: Any = None, prefetch: int = 4,
                  shuffle_buffer_mb: float = 64.0, block_rows: int | None = None,
                  weight_fn: Callable[[np.ndarray, int], np.ndarray] | None = None, direct_io: bool = True,
-                 verify: bool = True):
+                 verify: bool = True, io_threads: int | None = None):
         """``weight_fn(row_ids, epoch) -> weights`` (optional) multiplies each sample's weight:
         the hook for bootstrap ensembles (e.g. Poisson(1) multiplicities keyed on row id).
         ``direct_io=False`` reads everything through HDF5 instead of ``os.preadv`` (same batches).
         ``verify``: hash each shard an epoch reads in a background thread against the manifest's
-        sha256 (``hpc.data.integrity``); False only for benchmarks."""
+        sha256 (``hpc.data.integrity``); False only for benchmarks. ``io_threads``: threads that read
+        a window in parallel outside HDF5 and the GIL (``hpc.data.parallelfill``; default: the
+        CPUs this process may use, at most 4; 1 reads in the reading thread alone)."""
         self.manifest = load_manifest(split_dir)
         m = self.manifest
         check_split(m)  # paths, duplicates, symlinks, missing / truncated / mis-schema shards, naming the file
@@ -171,12 +183,19 @@ class StreamingReader:
         self.weight_fn = weight_fn
         self.direct_io = bool(direct_io)  # False: every read through HDF5 (for comparison/debugging)
         self.scatter = bool(direct_io)  # big rows straight into their batch slots (tuning knob)
-        # Enough recycled batches for one window's batches plus those queued or in the caller's hands.
-        self._pool = BufferPool(cap=-(-self.window_samples // batch_size) + 2 * prefetch + 4)
+        self.io_threads = default_io_threads() if io_threads is None else int(io_threads)
+        if self.io_threads < 1:
+            raise ValueError(f"io_threads {io_threads}: must be >= 1")
+        # Enough recycled batches for one window's batches plus those queued (groups of up to
+        # `prefetch` between the threads, `prefetch` finished) or in the caller's hands.
+        self._pool = BufferPool(cap=-(-self.window_samples // batch_size) + 3 * prefetch + 4)
         # float32 batches of compactly stored fields, filled by the batch thread (its own pool:
         # a pool is used by one thread).
         self._out_pool = BufferPool(cap=2 * prefetch + 4)
         self._offsets = np.concatenate([[0], np.cumsum(m.sample_counts)]).astype(np.int64)
+        self._chunk_tables: dict = {}  # where each shard's chunks lie, kept across epochs (parallelfill)
+        self._float_fields = m.float_fields()  # looked up per batch: computed once
+        self._yield_dtypes = {k: m.yield_dtype(k) for k in m.fields}
         self.epoch, self.position = 0, 0
 
     # -- position ------------------------------------------------------------------------------
@@ -238,10 +257,11 @@ class StreamingReader:
             self.epoch, self.position = epoch + 1, 0
 
     def _prefetched(self, epoch: int, start: int) -> Iterator[dict[str, torch.Tensor]]:
-        # Two stages, each a thread: reading (os.preadv releases the GIL) runs ahead while the
-        # previous batches are normalized, augmented and handed over.
-        raw = _threaded(lambda stop: self._raw_batches(epoch, start), 1, f"hpc-io-r{self.rank}")
-        batches = _threaded(lambda stop: (self._finish(a, epoch, step) for step, a in raw),
+        # Two stages, each a thread: reading (outside the GIL) runs ahead while the previous batches
+        # are normalized, augmented and handed over. The reading thread hands over up to `prefetch`
+        # batches at a time (one thread switch per group, not per batch).
+        raw = _threaded(lambda stop: self._raw_groups(epoch, start, max(1, self.prefetch)), 1, f"hpc-io-r{self.rank}")
+        batches = _threaded(lambda stop: (self._finish(a, epoch, step) for group in raw for step, a in group),
                             self.prefetch, f"hpc-batch-r{self.rank}")
         try:
             yield from batches
@@ -251,31 +271,44 @@ class StreamingReader:
 
     def _batches(self, epoch: int, start: int) -> Iterator[dict[str, torch.Tensor]]:
         """Everything in the calling thread (``prefetch=0``)."""
-        raw = self._raw_batches(epoch, start)
+        raw = self._raw_groups(epoch, start, 1)
         try:
-            for step, arrays in raw:
-                yield self._finish(arrays, epoch, step)
+            for group in raw:
+                for step, arrays in group:
+                    yield self._finish(arrays, epoch, step)
         finally:
             raw.close()
 
-    def _raw_batches(self, epoch: int, start: int) -> Iterator[tuple[int, dict[str, np.ndarray]]]:
+    def _raw_groups(self, epoch: int, start: int, group: int) -> Iterator[list[tuple[int, dict[str, np.ndarray]]]]:
+        """The epoch's raw batches from ``start``, checked, in lists of up to ``group``."""
         plan = self.plan(epoch)
         ver = ShardVerifier(self.manifest, plan.segments[:, 0], self._opened, self._verified) if self.verify else None
-        files = ShardFiles(self.manifest, direct=self.direct_io)
-        asm = BatchAssembler(self.manifest, plan, self.batch_size, start,
-                             self.batches_per_epoch, self._offsets, self._pool, scatter=self.scatter)
+        parallel = self.direct_io and self.scatter
+        # ShardFiles serves the parallel path HDF5 lookups and reads (its os.preadv path only where
+        # rawio is unavailable); otherwise it reads everything.
+        files = ShardFiles(self.manifest, direct=self.direct_io and not (parallel and rawio.available()))
+        if parallel:  # lock-free parallel reads where the layout allows
+            asm = ParallelAssembler(self.manifest, plan, self.batch_size, start, self.batches_per_epoch,
+                                    self._offsets, self._pool, io_threads=self.io_threads, name=f"hpc-io-r{self.rank}",
+                                    tables=self._chunk_tables)
+        else:  # everything through ShardFiles (HDF5 with direct_io=False)
+            asm = BatchAssembler(self.manifest, plan, self.batch_size, start,
+                                 self.batches_per_epoch, self._offsets, self._pool, scatter=self.scatter)
         try:
-            for step, arrays in asm.batches(files):
-                if ver is not None:  # the last batch waits until every shard of the epoch verified
-                    ver.finish() if step == self.batches_per_epoch - 1 else ver.check()
-                if "y" in arrays:
-                    problem = label_problem(self.manifest, arrays["y"], arrays["row_id"], self._offsets)
-                    if problem:
-                        raise ShardReadError(problem)
-                yield step, arrays
+            for batches in batch_groups(asm, files, group):
+                for step, arrays in batches:
+                    if ver is not None:  # the last batch waits until every shard of the epoch verified
+                        ver.finish() if step == self.batches_per_epoch - 1 else ver.check()
+                    if "y" in arrays:
+                        problem = label_problem(self.manifest, arrays["y"], arrays["row_id"], self._offsets)
+                        if problem:
+                            raise ShardReadError(problem)
+                yield batches
         finally:
             if ver is not None:
                 ver.close()
+            if isinstance(asm, ParallelAssembler):
+                asm.close()  # joins its helper threads, closes its descriptors
             files.close()
 
     def _finish(self, arrays: dict[str, np.ndarray], epoch: int, step: int) -> dict[str, torch.Tensor]:
@@ -289,8 +322,8 @@ class StreamingReader:
             arrays = {k: np.concatenate([v, np.zeros((pad,) + v.shape[1:], v.dtype)]) for k, v in arrays.items()}
             arrays["row_id"][n:] = -1
             weight = np.concatenate([weight, np.zeros(pad, np.float32)])
-        arrays = _floats(arrays, m, self._norm, self._out_pool)  # fresh batch arrays: ours
-        batch = _to_torch(arrays, m)
+        arrays = _floats(arrays, m, self._norm, self._out_pool, self._float_fields)  # fresh batch arrays: ours
+        batch = _to_torch(arrays, m, self._yield_dtypes)
         batch["weight"] = torch.from_numpy(weight)
         if self.augment is not None:
             batch = self.augment(batch, batch_generator(self.seed, epoch, self.rank, step))

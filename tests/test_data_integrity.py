@@ -220,3 +220,98 @@ def test_bench_loader_emits_the_content_check_rows(data, tmp_path, capsys):
     assert set(res) == {"preadv, no check", "preadv + sha256 (a run's first epoch)", "hdf5 io, no check", "hdf5 io + fletcher32"}
     assert all(v["samples"] == 240 for v in res.values())  # whole shards: 2 x 120
     assert not list(tmp_path.glob("hpc-integrity-*"))
+
+
+# -- the verified-hash cache (issue 20): a restart skips the hash, a changed byte is still caught --
+
+def _verifiers(monkeypatch):
+    """Collect the ShardVerifiers the readers create (which shards each hashed / took from the cache)."""
+    import hpc.data.reader as reader_mod
+
+    made = []
+
+    class Recording(reader_mod.ShardVerifier):
+        def __init__(self, *a, **k):
+            super().__init__(*a, **k)
+            made.append(self)
+
+    monkeypatch.setattr(reader_mod, "ShardVerifier", Recording)
+    return made
+
+
+def _run_epoch(split) -> None:
+    r = StreamingReader(split, 0, 1, 16, shuffle=False)  # a new reader: what a restarted run builds
+    r.set_epoch(0)
+    assert sum(1 for _ in r) == 30
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch):
+    import hpc.data.integrity as integrity
+
+    monkeypatch.setenv("HPC_VERIFY_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(integrity, "RACY_S", 0.0)  # the fixture's shards were written just now
+    return tmp_path / "cache"
+
+
+def test_a_restart_skips_the_hash_of_unchanged_shards(data, cache, monkeypatch):
+    made = _verifiers(monkeypatch)
+    split = data / "train"
+    _run_epoch(split)
+    assert made[-1].hashed == [0, 1, 2, 3] and made[-1].from_cache == []
+    assert len(list(cache.glob("*/*.json"))) == 4
+    _run_epoch(split)  # a restart: nothing in memory, the cache vouches for every shard
+    assert made[-1].hashed == [] and made[-1].from_cache == [0, 1, 2, 3]
+
+
+@pytest.mark.parametrize("how", ["flip", "flip_keep_mtime", "replace_same_size"])
+def test_a_changed_shard_is_hashed_again_and_caught_after_a_restart(data, cache, monkeypatch, how):
+    made = _verifiers(monkeypatch)
+    split = data / "train"
+    _run_epoch(split)
+    p = split / "shard-00002.h5"
+    st = os.stat(p)
+    if how == "replace_same_size":  # another shard's bytes under this name (new inode, same size)
+        other = split / "shard-00001.h5"
+        assert os.path.getsize(other) == st.st_size
+        tmp = split / "swap.tmp"
+        shutil.copyfile(other, tmp)
+        os.replace(tmp, p)
+    else:
+        off = _x_offset(p) + 7
+        with open(p, "r+b") as f:
+            f.seek(off)
+            b = f.read(1)
+            f.seek(off)
+            f.write(bytes([b[0] ^ 0x04]))
+        if how == "flip_keep_mtime":
+            os.utime(p, ns=(st.st_atime_ns, st.st_mtime_ns))  # ctime still moves: nobody can set it
+    with pytest.raises(ShardIntegrityError, match=r"shard-00002\.h5: sha256 .* does not match"):
+        _run_epoch(split)
+    assert 2 not in made[-1].from_cache and 2 in set(made[-1].shards)
+
+
+def test_a_shard_changed_just_before_its_hash_is_not_cached(data, tmp_path, monkeypatch):
+    monkeypatch.setenv("HPC_VERIFY_CACHE", str(tmp_path / "cache"))  # RACY_S as shipped (2 s)
+    made = _verifiers(monkeypatch)
+    _run_epoch(data / "train")  # the fixture wrote the shards a moment ago
+    assert made[-1].hashed == [0, 1, 2, 3] and not list((tmp_path / "cache").glob("*/*.json"))
+    _run_epoch(data / "train")
+    assert made[-1].from_cache == []
+
+
+def test_the_cache_can_be_turned_off_and_never_fails_a_run(data, tmp_path, monkeypatch):
+    import hpc.data.integrity as integrity
+
+    monkeypatch.setattr(integrity, "RACY_S", 0.0)
+    made = _verifiers(monkeypatch)
+    monkeypatch.setenv("HPC_VERIFY_CACHE", "off")
+    _run_epoch(data / "train")
+    _run_epoch(data / "train")
+    assert made[-1].hashed == [0, 1, 2, 3]
+    blocked = tmp_path / "not-a-dir"
+    blocked.write_text("")  # the cache directory cannot be created: a miss, not an error
+    monkeypatch.setenv("HPC_VERIFY_CACHE", str(blocked / "cache"))
+    _run_epoch(data / "train")
+    _run_epoch(data / "train")
+    assert made[-1].hashed == [0, 1, 2, 3]

@@ -33,7 +33,8 @@ def test_spawned_ranks_do_not_run_code_from_the_working_directory(tmp_path):
     (tmp_path / "hpc").mkdir()
     (tmp_path / "hpc" / "__init__.py").write_text("")
     (tmp_path / "hpc" / "__main__.py").write_text(PLUGIN.format(marker=str(marker)))
-    rank_cmd = mpiexec_command(1, ["--help"], "mpiexec", cores=1)[3:]   # what each rank runs
+    cmd = mpiexec_command(1, ["--help"], "mpiexec", cores=1)
+    rank_cmd = cmd[cmd.index(sys.executable):]   # what each rank runs
     env = launch_env(1, 1)
     env.pop("PYTHONPATH", None)
     r = subprocess.run(rank_cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)

@@ -210,3 +210,52 @@ def test_registering_an_unfinished_run_is_refused_unless_allowed(tmp_path, data_
     r = subprocess.run(base + ["--allow-unfinished"], capture_output=True, text=True, timeout=120, env=env)
     assert r.returncode == 0 and "WARNING" in r.stderr and "preempted" in r.stderr, r.stderr
     assert "registered u@1" in r.stdout
+
+
+# -- the verified-hash cache across runs (issue 20) --------------------------------------------------
+
+def test_a_restarted_run_skips_the_shard_hash_and_still_catches_a_changed_byte(tmp_path, monkeypatch):
+    import h5py
+
+    import hpc.data.integrity as integrity
+    import hpc.data.reader as reader_mod
+    from hpc.data import SynthConfig, WriterConfig, synth
+    from hpc.data.integrity import ShardIntegrityError
+    from hpc.train import run
+
+    synth(SynthConfig(kind="tabular", samples=300, features=6, classes=3, seed=3), tmp_path / "d",
+          split="train=0.8,val=0.2", writer=WriterConfig(samples_per_shard=60))
+    monkeypatch.setenv("HPC_VERIFY_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(integrity, "RACY_S", 0.0)  # the shards were written a moment ago
+    made = []
+
+    class Recording(reader_mod.ShardVerifier):
+        def __init__(self, *a, **k):
+            super().__init__(*a, **k)
+            made.append(self)
+
+    monkeypatch.setattr(reader_mod, "ShardVerifier", Recording)
+    cfg = {"name": "hc", "out_dir": str(tmp_path / "runs"), "data": {"dir": str(tmp_path / "d"), "batch_size": 20},
+           "model": {"family": "mlp", "config": {"widths": [8]}}, "train": {"epochs": 1, "progress": False}}
+
+    def train_shards(run_id):
+        made.clear()
+        s = run({**cfg, "run_id": run_id})
+        assert s["state"] == "completed"
+        train = [v for v in made if len(v.m.shards) == 4]  # the training split's verifier (val has 1 shard)
+        return sorted(x for v in train for x in v.hashed), sorted(x for v in train for x in v.from_cache)
+
+    assert train_shards("first") == ([0, 1, 2, 3], [])
+    assert train_shards("restart") == ([], [0, 1, 2, 3])  # nothing re-hashed
+    p = tmp_path / "d" / "train" / "shard-00001.h5"
+    with h5py.File(p, "r") as f:
+        off = f["/x"].id.get_offset() if f["/x"].chunks is None else f["/x"].id.get_chunk_info(0).byte_offset
+    st = os.stat(p)
+    with open(p, "r+b") as f:
+        f.seek(off + 11)
+        b = f.read(1)
+        f.seek(off + 11)
+        f.write(bytes([b[0] ^ 0x20]))
+    os.utime(p, ns=(st.st_atime_ns, st.st_mtime_ns))  # mtime put back; ctime moved anyway
+    with pytest.raises(ShardIntegrityError, match=r"shard-00001\.h5: sha256 .* does not match"):
+        run({**cfg, "run_id": "after-the-flip"})

@@ -84,7 +84,6 @@ def run(args) -> int:
         return 0
     # Here, not at the top: every `hpc` command imports this module, and these import torch
     # (1.5-3 s measured with `python -X importtime`).
-    from hpc.launch.tasks import run_training
     from hpc.train.runner import preflight
 
     if args.nproc is not None:
@@ -92,6 +91,10 @@ def run(args) -> int:
             raise ValueError(f"--nproc {args.nproc}: must be >= 1")
         preflight(cfg, args.nproc)
         return launch_local(args.nproc, ["train", args.config, *args.overrides])
+    # Only where a rank trains: the launcher (submitit, hpc.infer for the requeue) is not needed
+    # by the `--nproc` parent.
+    from hpc.launch.tasks import run_training
+
     # Each rank (under mpiexec, srun or alone): train, then (under Slurm) rank 0 requeues a
     # preempted run, so plain `sbatch`/`srun hpc train` users get requeues too.
     summary = run_training(cfg)

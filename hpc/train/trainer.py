@@ -17,6 +17,7 @@ import contextlib
 import itertools
 import json
 import logging
+import math
 import random
 import time
 from pathlib import Path
@@ -44,6 +45,27 @@ from hpc.util.progress import Progress
 log = logging.getLogger("hpc.train")
 
 
+# The start-up phases, each named by the mark that ends it: hpc.dist.spawn.launch_marks' (``launch``,
+# ``mpiexec``, ``process``), then hpc.train.runner.run's and the trainer's.
+STARTUP_PHASES = (("mpiexec", "cli"), ("process", "spawn"), ("entered", "imports"), ("preflight", "preflight"),
+                  ("comm", "comm init"), ("rundir", "run dir"), ("data", "data open"),
+                  ("model", "model build"), ("first_step", "first step"))
+
+
+def startup_phases(marks: dict[str, float]) -> dict:
+    """Seconds per start-up phase between the marks there are (pure). ``cli`` (the ``hpc train
+    --nproc`` process: its imports, config and checks) and ``spawn`` (mpiexec starting the ranks)
+    exist under ``--nproc`` only; ``to_first_step_s`` counts from the first mark there is (the
+    launch, else this process's start)."""
+    order = ["launch"] + [m for m, _ in STARTUP_PHASES]
+    have = [m for m in order if m in marks]
+    name = dict(STARTUP_PHASES)
+    phases = {name[b]: round(marks[b] - marks[a], 4) for a, b in zip(have, have[1:])}
+    first = marks.get("first_step")
+    return {"phases_s": phases, "to_first_step_s": round(first - marks[have[0]], 4) if first and have else None,
+            "from": have[0] if have else None, "marks": {m: marks[m] for m in have}}
+
+
 class NonFiniteError(RuntimeError):
     """Too many non-finite steps in a row, or non-finite weights about to be checkpointed."""
 
@@ -54,15 +76,18 @@ class Trainer:
 
     def __init__(self, cfg: TrainConfig, comm, run_dir: Path, resume_from: Path | None = None,
                  data: Data | None = None, on_hang: Callable[[object], None] | None = None,
-                 started: float | None = None):
+                 started: float | None = None, startup: dict[str, float] | None = None):
         self.cfg, self.comm, self.run_dir, self.explicit_ckpt = cfg, comm, run_dir, resume_from
         self.rank, self.world = comm.rank, comm.size
         self.t_start = started or time.time()
+        # Start-up marks (time.time()): the runner's, then "data", "model" and "first_step" here.
+        self.startup = dict(startup or {})
         self.device = _pick_device(comm.world.local_rank)
         check_precision(cfg.train.precision, cuda=self.device.type == "cuda")
         ops.set_kernels(cfg.kernels)
         _seed_everything(cfg.seed)
         self.data = data or load_data(cfg, self.rank, self.world)
+        self.startup["data"] = time.time()
         self.family, self.task = cfg.model.family, task_of(cfg.model.family, self.data.schema.get("task"))
         # Batches weigh samples other than 1 (padded tails, ensemble row weights): the loss uses them.
         self._weighted = cfg.data.remainder != "drop" or cfg.data.sample_weights is not None
@@ -83,12 +108,18 @@ class Trainer:
         self.last_ckpt_s: float | None = None      # how long it took (the requeue compares it)
         self._last_ckpt_time = time.time()
         # Seconds in steps (data wait + compute + sync), of which data and comm; samples in steps.
-        self.timers = {"data": 0.0, "comm": 0.0, "step": 0.0, "samples": 0}
+        # Finer split of a step (hpc bench train prints it per rank): forward+backward (with the
+        # bucket all-reduces started from its hooks), waiting for the gradient all-reduce, the
+        # scalar all-reduce of the step's flags, the optimizer step.
+        self.timers = {"data": 0.0, "comm": 0.0, "step": 0.0, "samples": 0,
+                       "fwd_bwd": 0.0, "grad_sync": 0.0, "flags": 0.0, "optim": 0.0}
+        self.timers_first: dict = {}   # the timers after this process's first step
         self.watch = RunWatch(cfg, self.run_dir, comm, self.total_steps, self.t_start, on_hang)  # fit starts it
         self._resume()
         # Every rank starts from rank 0's weights and optimizer state (fresh or resumed).
         broadcast_parameters(comm, self.model)
         broadcast_optimizer_state(comm, self.opt)
+        self.startup["model"] = time.time()
 
     # -- the loop ---------------------------------------------------------------------------------
     def fit(self) -> Outcome:
@@ -118,6 +149,8 @@ class Trainer:
                 out = self.train_step(micro, ckpt_local=self._checkpoint_due())
                 self.timers["data"] += t_data
                 self.timers["step"] += time.perf_counter() - t0
+                if not self.timers_first:
+                    self._first_step(global_batch if not out["nonfinite"] else 0)
                 if out["nonfinite"]:
                     self._nonfinite()  # every rank skipped it; raises after max_nonfinite in a row
                 else:
@@ -168,6 +201,7 @@ class Trainer:
         self.model.train()
         self.opt.zero_grad(set_to_none=False)  # p.grad are views into GradSync's buckets: keep them
         loss_sum = torch.zeros((), device=self.device)
+        t_fb = time.perf_counter()
         with self.watch.phase("compute"):
             for i, batch in enumerate(micro):
                 batch = self._to_device(batch)
@@ -180,26 +214,34 @@ class Trainer:
                     (self.scaler.scale(loss) if self.scaler else loss).backward()
                 loss_sum += loss.detach().float()
         t0 = time.perf_counter()
+        self.timers["fwd_bwd"] += t0 - t_fb
         with self.watch.phase("comm"):
             self.sync.synchronize()  # gradients are now the mean over all ranks
+            t_sync = time.perf_counter()
+            self.timers["grad_sync"] += t_sync - t0
             if self.scaler is not None:
                 self.scaler.unscale_(self.opt)
             grads = [p.grad for p in self.model.parameters() if p.grad is not None]
             gnorm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads))) if grads else loss_sum * 0
-            bad = not bool(torch.isfinite(loss_sum)) or (self.scaler is None and not bool(torch.isfinite(gnorm)))
+            # One device->host read of both (each float()/bool() of a tensor is one, and each small
+            # tensor op costs ~5 us on the CPU: this block was 3 % of a 4 ms step, issue #20).
+            loss_v, gnorm_v = torch.stack([loss_sum.float(), gnorm.float()]).tolist()
+            bad = not math.isfinite(loss_v) or (self.scaler is None and not math.isfinite(gnorm_v))
             # The one scalar all-reduce per step, float64 [5]: the global loss and the decisions
             # every rank must share (skip the step, stop for a requeue signal or for a terminating
             # one, checkpoint now).
             requeue_vote, other_vote = self.watch.stop_votes()
-            flags = torch.tensor([float(loss_sum) if not bad else 0.0, float(bad), requeue_vote, other_vote,
+            flags = torch.tensor([loss_v if not bad else 0.0, float(bad), requeue_vote, other_vote,
                                   float(ckpt_local)], dtype=torch.float64, device=self.comm.device)
             self.comm.allreduce_(flags)
-        self.timers["comm"] += time.perf_counter() - t0
-        out = {"loss": float(flags[0]) / self.world, "nonfinite": bool(flags[1] > 0),
-               "stop": bool(flags[2] > 0 or flags[3] > 0), "checkpoint": bool(flags[4] > 0),
-               "grad_norm": float(gnorm)}
+            f = flags.tolist()
+        t1 = time.perf_counter()
+        self.timers["comm"] += t1 - t0
+        self.timers["flags"] += t1 - t_sync
+        out = {"loss": f[0] / self.world, "nonfinite": f[1] > 0, "stop": f[2] > 0 or f[3] > 0,
+               "checkpoint": f[4] > 0, "grad_norm": gnorm_v}
         if out["stop"]:
-            self.watch.agree_signal(float(flags[2]), float(flags[3]))
+            self.watch.agree_signal(f[2], f[3])
         if out["nonfinite"]:
             self.opt.zero_grad(set_to_none=False)
             if self.scaler is not None:
@@ -214,7 +256,18 @@ class Trainer:
                 self.scaler.update()
             else:
                 self.opt.step()
+        self.timers["optim"] += time.perf_counter() - t1
         return out
+
+    def _first_step(self, samples: int) -> None:
+        """Keep the first step's timers apart (it also starts the reader and pays first-call costs)
+        and log how long the start-up took, phase by phase (summary.json "startup")."""
+        self.startup["first_step"] = time.time()
+        self.timers_first = dict(self.timers, samples=samples)
+        st = startup_phases(self.startup)  # every rank's own log; stderr shows rank 0's
+        log.info("start-up: %.2fs from %s to the end of the first step (%s)", st["to_first_step_s"],
+                 "`hpc train`" if st["from"] == "launch" else "the process start",
+                 ", ".join(f"{k} {v:.2f}" for k, v in st["phases_s"].items()))
 
     def _to_device(self, batch: dict) -> dict:
         return {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}

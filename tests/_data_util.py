@@ -94,6 +94,21 @@ def fail_worker(split_dir: str) -> None:
     print(f"rank {comm.Get_rank()} finished the epoch", flush=True)
 
 
+def record_verifiers(monkeypatch) -> list:
+    """Collect the ShardVerifiers the readers create (which shards each hashed / took from the cache)."""
+    import hpc.data.reader as reader_mod
+
+    made = []
+
+    class Recording(reader_mod.ShardVerifier):
+        def __init__(self, *a, **k):
+            super().__init__(*a, **k)
+            made.append(self)
+
+    monkeypatch.setattr(reader_mod, "ShardVerifier", Recording)
+    return made
+
+
 if __name__ == "__main__":
     if sys.argv[1] == "fail":
         fail_worker(sys.argv[2])

@@ -20,6 +20,8 @@ from hpc.train.config import TrainConfig, load_config
 from hpc.train.runner import preflight
 from hpc.util.io import sha256_file
 
+from _data_util import record_verifiers as _verifiers
+
 
 @pytest.fixture
 def data(tmp_path):
@@ -223,21 +225,6 @@ def test_bench_loader_emits_the_content_check_rows(data, tmp_path, capsys):
 
 
 # -- the verified-hash cache (issue 20): a restart skips the hash, a changed byte is still caught --
-
-def _verifiers(monkeypatch):
-    """Collect the ShardVerifiers the readers create (which shards each hashed / took from the cache)."""
-    import hpc.data.reader as reader_mod
-
-    made = []
-
-    class Recording(reader_mod.ShardVerifier):
-        def __init__(self, *a, **k):
-            super().__init__(*a, **k)
-            made.append(self)
-
-    monkeypatch.setattr(reader_mod, "ShardVerifier", Recording)
-    return made
-
 
 def _run_epoch(split) -> None:
     r = StreamingReader(split, 0, 1, 16, shuffle=False)  # a new reader: what a restarted run builds

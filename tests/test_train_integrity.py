@@ -218,7 +218,7 @@ def test_a_restarted_run_skips_the_shard_hash_and_still_catches_a_changed_byte(t
     import h5py
 
     import hpc.data.integrity as integrity
-    import hpc.data.reader as reader_mod
+    from _data_util import record_verifiers
     from hpc.data import SynthConfig, WriterConfig, synth
     from hpc.data.integrity import ShardIntegrityError
     from hpc.train import run
@@ -227,14 +227,7 @@ def test_a_restarted_run_skips_the_shard_hash_and_still_catches_a_changed_byte(t
           split="train=0.8,val=0.2", writer=WriterConfig(samples_per_shard=60))
     monkeypatch.setenv("HPC_VERIFY_CACHE", str(tmp_path / "cache"))
     monkeypatch.setattr(integrity, "RACY_S", 0.0)  # the shards were written a moment ago
-    made = []
-
-    class Recording(reader_mod.ShardVerifier):
-        def __init__(self, *a, **k):
-            super().__init__(*a, **k)
-            made.append(self)
-
-    monkeypatch.setattr(reader_mod, "ShardVerifier", Recording)
+    made = record_verifiers(monkeypatch)
     cfg = {"name": "hc", "out_dir": str(tmp_path / "runs"), "data": {"dir": str(tmp_path / "d"), "batch_size": 20},
            "model": {"family": "mlp", "config": {"widths": [8]}}, "train": {"epochs": 1, "progress": False}}
 

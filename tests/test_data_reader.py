@@ -475,3 +475,244 @@ def test_bench_loader_emits_its_rows(tmp_path, capsys):
     assert all(v["samples"] == 300 for v in u8["rows"].values())
     assert (res["bytes_per_sample"] - 8) == 4 * (u8["bytes_per_sample"] - 8)  # x: 4x fewer bytes moved
     assert not list(tmp_path.glob("hpc-uint8-*"))  # the copy is removed
+
+
+# -- layouts the lock-free path must leave to HDF5, and its edge cases (review of the rawio path) --
+
+def _write_with(d, writer, counts=(70, 45, 61), shape=(3, 16, 16), file_kw=None):
+    """Shards whose datasets ``writer(f, i, x, y)`` creates (any h5py layout), indexed in place;
+    rows hold their ids like ``_write_layout``'s."""
+    import h5py
+
+    from hpc.data import index_hdf5
+
+    d.mkdir(parents=True)
+    start = 0
+    for i, n in enumerate(counts):
+        ids = np.arange(start, start + n)
+        size = int(np.prod(shape))
+        x = (ids[:, None] * 3 + np.arange(size)[None, :] // 7) % 200
+        x[:, 0], x[:, 1] = ids % 251, ids // 251
+        with h5py.File(d / f"part-{i}.h5", "w", **(file_kw or {})) as f:
+            writer(f, i, x.reshape((n,) + shape).astype("float32"), (ids % 5).astype("int64"))
+        start += n
+    index_hdf5(d, {"x": "/x", "y": "/y"})
+    return d
+
+
+def _same_as_h5py(d, io_threads_list=(1, 3)):
+    """Batches (parallel path, each ``io_threads``) and ``iter_shard`` (shardio's os.preadv path)
+    equal a plain h5py read of the same rows."""
+    import h5py
+
+    for io_threads in io_threads_list:
+        r = StreamingReader(d, batch_size=16, seed=4, remainder="pad", normalize=False, block_rows=7,
+                            shuffle_buffer_mb=40 * 3 * 16 * 16 * 4 / 2**20, io_threads=io_threads, prefetch=2,
+                            verify=False)
+        want = _reference(r, False)
+        got = collect(r)
+        assert len(got) == len(want) > 0
+        for g, e in zip(got, want):
+            for k in e:
+                assert g[k].tobytes() == e[k].tobytes(), (io_threads, k)
+    m = load_manifest(d)
+    for i in range(len(m.shards)):
+        with h5py.File(m.shard_path(i), "r") as f:
+            x = f["x"][()]
+        got = np.concatenate([b["x"].numpy() for b in iter_shard(d, i, 16, normalize=False)])
+        assert np.array_equal(got, x), i
+
+
+def _fast_paths(d, field="x"):
+    """Per shard: (rawio's table, shardio's os.preadv reader) of ``field``, None where HDF5 reads."""
+    from hpc.data import rawio
+    from hpc.data.shardio import ShardFiles
+
+    m = load_manifest(d)
+    files = ShardFiles(m)
+    try:
+        return [(rawio.ChunkTable.from_dataset(files.dataset(i, field), m.shard_path(i)), files.direct(i, field))
+                for i in range(len(m.shards))]
+    finally:
+        files.close()
+
+
+@pytest.mark.parametrize("compression", [None, "gzip"])
+def test_a_dataset_behind_an_external_link_is_read_from_its_own_file(tmp_path, compression):
+    def writer(f, i, x, y):
+        import h5py
+
+        side = tmp_path / "train" / f"data-{i}.side"
+        with h5py.File(side, "w") as g:
+            g.create_dataset("x", data=x, chunks=(20,) + x.shape[1:], compression=compression)
+        f["x"] = h5py.ExternalLink(side.name, "/x")
+        f.create_dataset("y", data=y)
+        f.create_dataset("meta", data=np.full(400_000, 0.5, np.float32))  # the shard outgrows the linked file
+
+    d = _write_with(tmp_path / "train", writer)
+    _same_as_h5py(d)
+    assert all(t is None and direct is None for t, direct in _fast_paths(d))  # HDF5 follows the link
+    assert all(t is not None for t, _ in _fast_paths(d, "y"))  # the shard's own datasets stay fast
+
+
+def _bf16_like():
+    import h5py
+
+    t = h5py.h5t.IEEE_F32LE.copy()  # a 2-byte float (bfloat16's layout): h5py shows it as float32
+    t.set_fields(15, 7, 8, 0, 7)
+    t.set_size(2)
+    t.set_ebias(127)
+    return t
+
+
+@pytest.mark.parametrize("chunks,compression", [(None, None), ((20, 3, 16, 16), None), ((20, 3, 16, 16), "gzip")])
+def test_a_file_type_h5py_converts_is_read_through_hdf5(tmp_path, chunks, compression):
+    import h5py
+
+    def writer(f, i, x, y):
+        dcpl = h5py.h5p.create(h5py.h5p.DATASET_CREATE)
+        if chunks:
+            dcpl.set_chunk(chunks)
+            if compression:
+                dcpl.set_deflate(4)
+        ds = h5py.h5d.create(f.id, b"x", _bf16_like(), h5py.h5s.create_simple(x.shape), dcpl=dcpl)
+        ds.write(h5py.h5s.ALL, h5py.h5s.ALL, np.ascontiguousarray(x))
+        f.create_dataset("y", data=y)
+
+    d = _write_with(tmp_path / "train", writer)
+    with h5py.File(load_manifest(d).shard_path(0), "r") as f:
+        assert f["x"].dtype == np.float32 and f["x"].id.get_type().get_size() == 2
+    _same_as_h5py(d)
+    assert all(t is None and direct is None for t, direct in _fast_paths(d))
+
+
+@pytest.mark.parametrize("filters", ["gzip", "lzf+shuffle"])
+def test_edge_chunks_stored_unfiltered_by_dont_filter_partial_chunks(tmp_path, filters):
+    import ctypes
+    import glob
+
+    import h5py
+
+    libs = glob.glob(os.path.join(os.path.dirname(h5py.__file__) + ".libs", "libhdf5-*.so*")) + \
+        glob.glob(os.path.join(os.path.dirname(h5py.__file__), "..", "h5py.libs", "libhdf5-*.so*"))
+    try:
+        lib = ctypes.CDLL(libs[0] if libs else os.path.join(os.path.dirname(h5py.__file__), "defs.so"))
+        set_opts = lib.H5Pset_chunk_opts
+    except (OSError, AttributeError):
+        pytest.skip("H5Pset_chunk_opts not reachable through ctypes")
+    set_opts.argtypes = [ctypes.c_int64, ctypes.c_uint]
+
+    def writer(f, i, x, y):
+        dcpl = h5py.h5p.create(h5py.h5p.DATASET_CREATE)
+        dcpl.set_chunk((20,) + x.shape[1:])
+        if filters == "gzip":
+            dcpl.set_deflate(4)
+        else:
+            dcpl.set_shuffle()
+            dcpl.set_filter(32000, h5py.h5z.FLAG_OPTIONAL)
+        assert set_opts(dcpl.id, 0x0002) >= 0  # H5D_CHUNK_DONT_FILTER_PARTIAL_CHUNKS
+        ds = h5py.h5d.create(f.id, b"x", h5py.h5t.py_create(x.dtype), h5py.h5s.create_simple(x.shape), dcpl=dcpl)
+        ds.write(h5py.h5s.ALL, h5py.h5s.ALL, np.ascontiguousarray(x))
+        f.create_dataset("y", data=y)
+
+    d = _write_with(tmp_path / "train", writer, file_kw=dict(libver="latest"))  # every shard has an edge chunk
+    _same_as_h5py(d)
+    assert all(t is None for t, _ in _fast_paths(d))  # HDF5 reads them (ambiguous to chunk_iter)
+
+
+def _capped_preadv(monkeypatch, cap):
+    """Make every read move at most ``cap`` bytes, as Linux does past 0x7ffff000 (MAX_RW_COUNT)."""
+    import ctypes
+
+    from hpc.data import rawio
+
+    real_ctypes, real_os = rawio._PREADV, os.preadv
+
+    def fake_ctypes(fd, iov_base, n, offset):
+        iov = np.frombuffer((ctypes.c_uint64 * (2 * n)).from_address(iov_base), np.uint64).reshape(n, 2).copy()
+        ends = np.minimum(np.cumsum(iov[:, 1].astype(np.int64)), cap)
+        iov[:, 1] = np.diff(np.concatenate([[0], ends])).astype(np.uint64)
+        return real_ctypes(fd, rawio.address(iov), n, offset)
+
+    def fake_os(fd, buffers, offset):
+        out, room = [], cap
+        for b in buffers:
+            v = memoryview(b).cast("B")[:max(room, 0)]
+            room -= len(v)
+            out.append(v)
+        return real_os(fd, out, offset)
+
+    monkeypatch.setattr(rawio, "_PREADV", fake_ctypes)
+    monkeypatch.setattr(os, "preadv", fake_os)
+
+
+def test_partial_preadv_counts_continue_and_only_eof_is_short(tmp_path, monkeypatch):
+    from hpc.data import rawio
+    from hpc.data.shardio import _preadv
+
+    if not rawio.available():
+        pytest.skip("no libc preadv")
+    data = np.random.default_rng(0).integers(0, 256, 10_000, dtype=np.uint8)
+    p = tmp_path / "f.bin"
+    p.write_bytes(data.tobytes())
+    _capped_preadv(monkeypatch, 333)  # a row (300 B), and runs of rows, cross the per-call limit
+    fd = os.open(p, os.O_RDONLY)
+    try:
+        rows = np.zeros((20, 300), np.uint8)
+        iov = rawio.iovecs(np.array([rawio.address(rows[i]) for i in range(20)], np.uint64), 300)
+        rawio.preadv_runs(fd, rawio.check_iovecs(iov), 20, [(7, 0, 20, 300)])
+        assert np.array_equal(rows.reshape(-1), data[7:6007])
+        rows[:] = 0  # and with a cap of our own below the row size
+        rawio.preadv_runs(fd, rawio.check_iovecs(iov), 20, [(7, 0, 20, 300)], cap=100)
+        assert np.array_equal(rows.reshape(-1), data[7:6007])
+        dest = np.zeros(5000, np.uint8)
+        rawio.pread_into(fd, dest, 11)
+        assert np.array_equal(dest, data[11:5011])
+        parts = [np.zeros(700, np.uint8) for _ in range(3)]
+        assert _preadv(fd, [memoryview(a) for a in parts], 13, 2100) == 2100
+        assert np.array_equal(np.concatenate(parts), data[13:2113])
+        with pytest.raises(OSError, match=r"short read: 1000 of 2000 bytes .*hpc data verify"):
+            rawio.pread_into(fd, np.zeros(2000, np.uint8), 9000)  # past the end: the only short read
+        with pytest.raises(OSError, match=r"short read.*hpc data verify"):
+            rawio.preadv_runs(fd, rawio.check_iovecs(iov), 20, [(9000, 0, 20, 300)])
+    finally:
+        os.close(fd)
+
+
+def test_a_shard_replaced_by_fewer_rows_between_epochs_names_the_file(tmp_path):
+    import h5py
+
+    d = _write_layout(tmp_path / "train", "float32", None, False, 20)
+    r = StreamingReader(d, batch_size=8, normalize=False, verify=False, io_threads=1, prefetch=0, seed=1)
+    collect(r)  # epoch 0: chunk tables cached
+    p = load_manifest(d).shard_path(1)
+    with h5py.File(p, "r") as f:
+        x, y = f["x"][:41], f["y"][:41]
+    with h5py.File(str(p) + ".new", "w") as f:  # 45 -> 41 rows: the edge chunk still covers 41-44
+        f.create_dataset("x", data=x, chunks=(20,) + x.shape[1:])
+        f.create_dataset("y", data=y, chunks=(20,))
+    os.replace(str(p) + ".new", p)
+    with pytest.raises(ShardReadError, match=r"part-1\.h5:/x has 41 rows, manifest says 45.*hpc data verify"):
+        collect(r)
+
+
+def test_decode_errors_say_what_to_do(tmp_path):
+    import h5py
+
+    from hpc.data import rawio
+
+    d = _write_layout(tmp_path / "train", "float32", "gzip", False, 20)
+    p = load_manifest(d).shard_path(0)
+    with h5py.File(p, "r") as f:
+        t = rawio.ChunkTable.from_dataset(f["x"])
+    assert t is not None and t.filters == (rawio.FILTER_DEFLATE,)
+    with open(p, "r+b") as f:
+        f.seek(int(t.offsets[0] + t.sizes[0] // 2))
+        f.write(b"\xff" * 64)
+    fd = os.open(p, os.O_RDONLY)
+    try:
+        with pytest.raises(OSError, match=r"cannot decompress .*hpc data verify.*re-create the shard"):
+            rawio.decode_chunk(fd, t, 0, np.empty(t.chunk_bytes, np.uint8), np.empty(t.max_stored, np.uint8),
+                               np.empty(t.chunk_bytes, np.uint8))
+    finally:
+        os.close(fd)

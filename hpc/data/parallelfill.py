@@ -86,9 +86,11 @@ class ParallelAssembler(BatchAssembler):
                 hit = self._cache.get(key)
                 if hit is not None and hit[0] == self._stats[shard]:
                     self._tables[key] = hit[1]
-                else:
-                    self._tables[key] = rawio.ChunkTable.from_dataset(files.dataset(shard, name))
+                else:  # ShardFiles checks the dataset's rows/dtype/shape against the manifest first
+                    self._tables[key] = rawio.ChunkTable.from_dataset(files.dataset(shard, name), path)
                     self._cache[key] = (self._stats[shard], self._tables[key])
+            except ShardReadError:
+                raise
             except Exception as e:  # h5py raises OSError/KeyError/ValueError/RuntimeError
                 raise ShardReadError(f"{path}: cannot open ({type(e).__name__}: {e})") from e
         return self._tables[key]
@@ -250,14 +252,19 @@ class ParallelAssembler(BatchAssembler):
         except Exception as e:
             raise ShardReadError(f"{self.m.shard_path(s)}: read of {k!r} failed ({type(e).__name__}: {e})") from e
 
-    def _scratch(self, t: rawio.ChunkTable) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """This thread's buffers for stored bytes, one decoded chunk, and an unshuffle (grown once)."""
-        have = getattr(self._local, "bufs", None)
-        if have is None or len(have[0]) < t.max_stored or len(have[1]) < t.chunk_bytes:
-            size = max(t.max_stored, 0 if have is None else len(have[0]))
-            chunk = max(t.chunk_bytes, 0 if have is None else len(have[1]))
-            have = self._local.bufs = (np.empty(size, np.uint8), np.empty(chunk, np.uint8), np.empty(chunk, np.uint8))
-        return have[0], have[1][:t.chunk_bytes], have[2]
+    def _scratch(self, t: rawio.ChunkTable) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+        """This thread's buffers for stored bytes, one decoded chunk, and an unshuffle (grown once;
+        the unshuffle buffer only once a shuffled dataset needs it)."""
+        have = getattr(self._local, "bufs", None) or (np.empty(0, np.uint8),) * 3
+        stored, chunk, tmp = have
+        if len(stored) < t.max_stored:
+            stored = np.empty(t.max_stored, np.uint8)
+        if len(chunk) < t.chunk_bytes:
+            chunk = np.empty(t.chunk_bytes, np.uint8)
+        if t.shuffled and len(tmp) < t.chunk_bytes:
+            tmp = np.empty(t.chunk_bytes, np.uint8)
+        self._local.bufs = (stored, chunk, tmp)
+        return stored, chunk[:t.chunk_bytes], tmp if t.shuffled else None
 
     def _run(self, tasks: list[tuple], inline=None) -> None:
         """Run ``tasks`` ((fn, args), each raising ShardReadError naming its file) on the helpers and

@@ -16,7 +16,10 @@ rows is one system call whatever the number of rows, with no Python object per r
   ships for its own filter) straight into the destination; a chunk that HDF5 stored unfiltered
   (its filter mask says so: the optional filter did not shrink it) is copied as it is.
 - Anything else (fletcher32, szip, scale-offset, n-bit, plugins, big-endian, unallocated chunks,
-  chunks that split a sample, a platform without ``preadv``): ``ChunkTable.from_dataset`` returns
+  chunks that split a sample, a platform without ``preadv``, a dataset stored in another file than
+  the shard (external link), a file datatype other than the numpy dtype h5py converts it to, a
+  full-size chunk stored unfiltered without a filter-mask bit, as
+  ``H5D_CHUNK_DONT_FILTER_PARTIAL_CHUNKS`` writes edge chunks): ``ChunkTable.from_dataset`` returns
   None and the caller reads through HDF5.
 """
 
@@ -31,6 +34,8 @@ import sys
 import numpy as np
 
 IOV_MAX = 1024  # iovecs per preadv call (Linux's limit)
+MAX_RW = 0x7FFFF000  # bytes one read/preadv moves at most on Linux (MAX_RW_COUNT): asked more, it returns less
+FIX_HINT = "run `hpc data verify DIR` on the split; re-copy or re-create the shard"
 FILTER_DEFLATE, FILTER_SHUFFLE, FILTER_LZF = 1, 2, 32000
 _ADDR = np.uint64  # struct iovec is {void *base; size_t len}: two 64-bit words on LP64
 
@@ -110,17 +115,53 @@ def check_iovecs(iov: np.ndarray) -> int:
     return address(iov)
 
 
-def preadv_runs(fd: int, iov_base: int, n_iov: int, runs) -> None:
+def _short(got: int, want: int, offset: int) -> OSError:
+    return OSError(f"short read: {got} of {want} bytes at offset {offset} (file truncated? {FIX_HINT})")
+
+
+def pread_full(fd: int, bufs: list, offset: int, cap: int = MAX_RW) -> int:
+    """Fill the writable buffers ``bufs`` (memoryviews or contiguous arrays) in order from file
+    ``offset``: ``os.preadv`` of at most ``cap`` bytes a call, continuing after a partial count
+    (the kernel moves at most ``MAX_RW`` bytes a call); only 0 bytes (end of file) is an error.
+    Returns the bytes read (the buffers' total). The one place that handles partial reads."""
+    views = [memoryview(b).cast("B") for b in bufs]
+    views = [v for v in views if len(v)]
+    total, start, done = sum(len(v) for v in views), offset, 0
+    while views:
+        group, room = [], cap
+        for v in views[:IOV_MAX]:
+            if room <= 0:
+                break
+            group.append(v[:room])
+            room -= len(group[-1])
+        try:
+            got = os.preadv(fd, group, offset)
+        except InterruptedError:
+            continue
+        if got <= 0:  # end of file
+            raise _short(done, total, start)
+        done, offset = done + got, offset + got
+        while got and views:  # drop what was filled; a partly filled buffer goes on from where it stopped
+            n = min(got, len(views[0]))
+            views[0] = views[0][n:]
+            got -= n
+            if not len(views[0]):
+                views.pop(0)
+    return total
+
+
+def preadv_runs(fd: int, iov_base: int, n_iov: int, runs, cap: int = MAX_RW) -> None:
     """Runs ``(offset, first, count, row_bytes)`` of ``fd``: ``count`` rows of ``row_bytes`` from file
     ``offset``, row i into iovec ``first + i`` of the ``n_iov`` iovecs at ``iov_base``
-    (``check_iovecs``). One system call per run (per 1024 rows); the kernel copies from the page
-    cache straight into each destination with the GIL released."""
+    (``check_iovecs``). One system call per run (per 1024 rows, per ``cap`` bytes); the kernel
+    copies from the page cache straight into each destination with the GIL released."""
     for offset, first, count, row_bytes in runs:
         if first < 0 or count < 0 or first + count > n_iov:
             raise ValueError(f"preadv: rows {first}:{first + count} outside the {n_iov} iovecs")
+        per_call = max(1, min(IOV_MAX, cap // max(row_bytes, 1)))
         done = 0
         while done < count:
-            n = min(IOV_MAX, count - done)
+            n = min(per_call, count - done)
             want = n * row_bytes
             got = _PREADV(fd, iov_base + (first + done) * 16, n, offset)
             if got < 0:
@@ -128,17 +169,39 @@ def preadv_runs(fd: int, iov_base: int, n_iov: int, runs) -> None:
                 if e == errno.EINTR:
                     continue
                 raise OSError(e, f"preadv: {os.strerror(e)}")
-            if got != want:  # a regular file returns less only at its end
-                raise OSError(f"short read: {got} of {want} bytes at offset {offset} (file truncated?)")
+            if got != want:  # partial (a row over the kernel's limit) or end of file: the rest, row by row
+                if got == 0:
+                    raise _short(0, want, offset)
+                whole, part = divmod(got, row_bytes)
+                rest = []
+                for i in range(first + done + whole, first + done + n):
+                    base, length = (int(v) for v in np.frombuffer(
+                        (ctypes.c_uint64 * 2).from_address(iov_base + i * 16), np.uint64))
+                    skip = part if i == first + done + whole else 0
+                    rest.append(memoryview((ctypes.c_char * (length - skip)).from_address(base + skip)).cast("B"))
+                pread_full(fd, rest, offset + got, cap)
             done, offset = done + n, offset + want
 
 
-def pread_into(fd: int, dest: np.ndarray, offset: int) -> None:
+def pread_into(fd: int, dest: np.ndarray, offset: int, cap: int = MAX_RW) -> None:
     """``dest.nbytes`` bytes from ``offset`` into ``dest`` (C-contiguous), GIL released."""
-    want = dest.nbytes
-    got = os.preadv(fd, [dest.reshape(-1).view(np.uint8)], offset) if want else 0
-    if got != want:
-        raise OSError(f"short read: {got} of {want} bytes at offset {offset} (file truncated?)")
+    if dest.nbytes:
+        pread_full(fd, [dest.reshape(-1).view(np.uint8)], offset, cap)
+
+
+def stored_in(ds, path) -> bool:
+    """Whether reading ``ds`` at the addresses HDF5 reports, from the file ``path``, gives its
+    values: the dataset lives in that file (not behind an external link) and its file datatype is
+    exactly the numpy dtype h5py shows (h5py converts others on read: a 2-byte custom float shown
+    as float32, an n-bit integer, ...)."""
+    try:
+        if not os.path.samefile(ds.file.filename, path):
+            return False
+        import h5py
+
+        return bool(ds.id.get_type().equal(h5py.h5t.py_create(ds.dtype)))
+    except (OSError, TypeError, ValueError):  # a family/split-driver name, a type h5py cannot map back
+        return False
 
 
 class ChunkTable:
@@ -154,14 +217,20 @@ class ChunkTable:
         self.max_stored = int(sizes.max()) if len(sizes) else 0
 
     @property
+    def shuffled(self) -> bool:
+        """HDF5's byte shuffle comes first in the pipeline (undoing it needs a scratch chunk)."""
+        return self.filters[:1] == (FILTER_SHUFFLE,)
+
+    @property
     def raw(self) -> bool:
         """Unfiltered: rows can be read straight into their destinations (``runs``)."""
         return not self.filters
 
     @classmethod
-    def from_dataset(cls, ds) -> "ChunkTable | None":
-        """The table of an h5py dataset, or None when it must be read through HDF5."""
-        if _PREADV is None:
+    def from_dataset(cls, ds, path=None) -> "ChunkTable | None":
+        """The table of an h5py dataset, to be read from the file ``path`` (default: the file
+        ``ds`` lives in), or None when it must be read through HDF5."""
+        if _PREADV is None or not stored_in(ds, ds.file.filename if path is None else path):
             return None
         dt = ds.dtype
         native = dt.byteorder in ("=", "|") or dt.byteorder == ("<" if np.little_endian else ">")
@@ -198,6 +267,11 @@ class ChunkTable:
                 note(ds.id.get_chunk_info(i))
         if (offsets < 0).any():  # an unallocated chunk reads as fill values: HDF5 knows them, we do not
             return None
+        chunk_bytes = chunk_rows * row_bytes
+        if filters and ((masks == 0) & (sizes == chunk_bytes)).any():
+            # Filtered by the mask but exactly the unfiltered size: what H5D_CHUNK_DONT_FILTER_PARTIAL_CHUNKS
+            # stores for an edge chunk (mask 0, bytes as they are). Ambiguous from here: HDF5 knows.
+            return None
         return cls(rows, row_bytes, chunk_rows, offsets, sizes, masks, filters, dt.itemsize)
 
     @staticmethod
@@ -230,20 +304,22 @@ def decode_chunk(fd: int, t: ChunkTable, c: int, out: np.ndarray, stored: np.nda
     """Chunk ``c`` of a filtered dataset, decoded into ``out`` (uint8, ``t.chunk_bytes``, contiguous).
 
     ``stored`` (>= ``t.max_stored`` bytes) and ``tmp`` (>= ``t.chunk_bytes``, used only to undo a
-    byte shuffle) are the calling thread's scratch buffers. Every step releases the GIL."""
+    byte shuffle: None where ``t.shuffled`` is False) are the calling thread's scratch buffers.
+    Every step releases the GIL."""
     size = int(t.sizes[c])
-    if out.nbytes != t.chunk_bytes or stored.nbytes < size or tmp.nbytes < t.chunk_bytes:  # C writes no further
-        raise ValueError(f"decode_chunk: buffers of {out.nbytes}/{stored.nbytes}/{tmp.nbytes} bytes for a chunk "
-                         f"of {t.chunk_bytes} ({size} stored)")
+    shuffled = t.shuffled and not int(t.masks[c]) & 1
+    if (out.nbytes != t.chunk_bytes or stored.nbytes < size
+            or (shuffled and (tmp is None or tmp.nbytes < t.chunk_bytes))):  # C writes no further
+        raise ValueError(f"decode_chunk: buffers of {out.nbytes}/{stored.nbytes}/"
+                         f"{None if tmp is None else tmp.nbytes} bytes for a chunk of {t.chunk_bytes} ({size} stored)")
     raw = stored[:size]
     pread_into(fd, raw, int(t.offsets[c]))
     mask = int(t.masks[c])
-    shuffled = bool(t.filters) and t.filters[0] == FILTER_SHUFFLE and not mask & 1
     target = tmp[:t.chunk_bytes] if shuffled else out
     codec_bit = len(t.filters) - 1  # the compressor is the last filter
     if mask & (1 << codec_bit):  # stored as it is (an optional filter that did not shrink the chunk)
         if size != t.chunk_bytes:
-            raise OSError(f"chunk {c}: {size} stored bytes, expected {t.chunk_bytes} unfiltered")
+            raise OSError(f"chunk {c}: {size} stored bytes, expected {t.chunk_bytes} unfiltered ({FIX_HINT})")
         np.copyto(target, raw)
     else:
         codec = t.filters[-1]
@@ -255,7 +331,7 @@ def decode_chunk(fd: int, t: ChunkTable, c: int, out: np.ndarray, stored: np.nda
             got = _LZF(address(raw), size, address(target), t.chunk_bytes)
         if got != t.chunk_bytes:
             raise OSError(f"chunk {c}: cannot decompress ({'gzip' if codec == FILTER_DEFLATE else 'lzf'}, "
-                          f"{size} stored bytes, got {got} of {t.chunk_bytes})")
+                          f"{size} stored bytes, got {got} of {t.chunk_bytes}; {FIX_HINT})")
     if shuffled:  # HDF5's shuffle stores byte j of every element together: undo the transpose
         k = t.itemsize
         np.copyto(out.reshape(-1, k), target.reshape(k, -1).T)

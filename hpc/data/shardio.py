@@ -18,6 +18,7 @@ from collections import OrderedDict
 import h5py
 import numpy as np
 
+from hpc.data import rawio
 from hpc.data.manifest import FieldSpec, Manifest
 
 MAX_OPEN_FILES = 64
@@ -54,6 +55,20 @@ def yielded(m: Manifest, name: str, arr: np.ndarray, out: np.ndarray | None = No
     return arr.astype(m.yield_dtype(name), copy=False)
 
 
+def dataset_problem(path, dpath: str, ds, spec: FieldSpec, samples: int, name: str) -> str | None:
+    """What is wrong with ``ds`` (dataset ``dpath`` of shard ``path``, None if absent) for field
+    ``name``, or None."""
+    where = f"{path}:{dpath}"
+    if not isinstance(ds, h5py.Dataset):
+        return f"{path}: no dataset {dpath} (field {name!r})"
+    if ds.dtype.name != spec.dtype or tuple(ds.shape[1:]) != spec.shape:
+        return (f"{where} is {ds.dtype}{list(ds.shape[1:])}, manifest says {spec.dtype}{list(spec.shape)} "
+                f"(field {name!r})")
+    if ds.shape[0] != samples:  # fewer: truncated; more: a lowered count hides rows
+        return f"{where} has {ds.shape[0]} rows, manifest says {samples} (field {name!r})"
+    return None
+
+
 def check_shards(m: Manifest, schema: bool = True) -> None:
     """Fail fast with every problem named: missing or truncated files, wrong datasets/dtypes/shapes."""
     problems = []
@@ -73,15 +88,9 @@ def check_shards(m: Manifest, schema: bool = True) -> None:
             with h5py.File(path, "r") as f:
                 for name, spec in m.fields.items():
                     dpath = info.datasets.get(name, "/" + name)
-                    ds = f.get(dpath)
-                    if not isinstance(ds, h5py.Dataset):
-                        problems.append(f"{path}: no dataset {dpath} (field {name!r})")
-                    elif ds.dtype.name != spec.dtype or tuple(ds.shape[1:]) != spec.shape:
-                        problems.append(f"{path}:{dpath} is {ds.dtype}{list(ds.shape[1:])}, manifest "
-                                        f"says {spec.dtype}{list(spec.shape)} (field {name!r})")
-                    elif ds.shape[0] != info.samples:  # fewer: truncated; more: a lowered count hides rows
-                        problems.append(f"{path}:{dpath} has {ds.shape[0]} rows, manifest says "
-                                        f"{info.samples} (field {name!r})")
+                    problem = dataset_problem(path, dpath, f.get(dpath), spec, info.samples, name)
+                    if problem:
+                        problems.append(problem)
         except OSError as e:
             problems.append(f"{path}: not a readable HDF5 file ({e})")
     if problems:
@@ -112,7 +121,10 @@ class _Direct:
                 note(ds.id.get_chunk_info(i))
 
     @staticmethod
-    def usable(ds: h5py.Dataset) -> bool:
+    def usable(ds: h5py.Dataset, path) -> bool:
+        """Whether rows of ``ds`` can be read with ``os.preadv`` from the file ``path``."""
+        if not rawio.stored_in(ds, path):  # an external link, or a file type h5py converts on read
+            return False
         dt = ds.dtype
         native = dt.byteorder in ("=", "|") or dt.byteorder == ("<" if np.little_endian else ">")
         whole_rows = ds.chunks is None or tuple(ds.chunks[1:]) == tuple(ds.shape[1:])
@@ -153,9 +165,9 @@ class _Direct:
 
 
 def _preadv(fd: int, buffers: list, offset: int, want: int) -> int:
-    got = os.preadv(fd, buffers, offset)
-    if got != want:
-        raise OSError(f"short read: {got} of {want} bytes (file truncated?)")
+    got = rawio.pread_full(fd, buffers, offset)
+    if got != want:  # the buffers' total: a caller's bug, not the file's
+        raise ValueError(f"preadv: buffers of {got} bytes, expected {want}")
     return got
 
 
@@ -172,12 +184,22 @@ class ShardFiles:
             path = self.m.shard_path(shard)
             f = h5py.File(path, "r")
             # Dataset objects are cached: a path lookup costs about as much as reading a 1 MB chunk.
-            dss = {k: f[self.m.shards[shard].datasets.get(k, "/" + k)] for k in self.m.fields}
+            info = self.m.shards[shard]
+            dss = {k: f.get(info.datasets.get(k, "/" + k)) for k in self.m.fields}
+            # Checked again at every open: a shard replaced since the split was opened (verify=False)
+            # must not yield fill values, or rows past its end.
+            problems = [p for k, ds in dss.items()
+                        if (p := dataset_problem(path, info.datasets.get(k, "/" + k), ds, self.m.fields[k],
+                                                 info.samples, k))]
+            if problems:
+                f.close()
+                raise ShardReadError(f"{'; '.join(problems)}: the shard changed since the split was "
+                                     f"opened? {rawio.FIX_HINT}")
             direct = {}
             if self.use_direct:
                 for k, ds in dss.items():
                     try:
-                        direct[k] = _Direct(ds) if _Direct.usable(ds) else None
+                        direct[k] = _Direct(ds) if _Direct.usable(ds, path) else None
                     except (LookupError, RuntimeError, ValueError):
                         direct[k] = None
             fd = os.open(path, os.O_RDONLY) if any(direct.values()) else -1

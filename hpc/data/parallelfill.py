@@ -29,7 +29,6 @@ import os
 import threading
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
-from typing import Iterator
 
 import numpy as np
 
@@ -306,31 +305,3 @@ class ParallelAssembler(BatchAssembler):
             f.result()  # every read of the window has finished (or stopped) before anything else happens
         if failed:
             raise failed[0]
-
-
-def batch_groups(asm: BatchAssembler, files: ShardFiles, group: int) -> Iterator[list[tuple[int, dict]]]:
-    """``asm.batches(files)`` in lists of up to ``group`` consecutive batches: a window's read
-    completes many batches at once, and handing them to the next thread together saves a thread
-    switch per batch (tens of microseconds each, as much as the read of a small batch)."""
-    out: list[tuple[int, dict]] = []
-    plan, bs = asm.plan, asm.bs
-    nxt = asm.first
-    n_windows = len(plan.starts) - 1
-    w = plan.window_at(nxt * bs) if nxt * bs < plan.samples else n_windows
-    while nxt < asm.stop:  # BatchAssembler.batches, grouped
-        if w < n_windows and plan.starts[w] < asm.stop * bs:
-            asm._fill(files, w)
-            done = int(plan.starts[w + 1])
-            w += 1
-        else:
-            done = plan.samples  # nothing left to read: remaining steps are all padding
-        while nxt < asm.stop and min((nxt + 1) * bs, plan.samples) <= done:
-            out.append((nxt, asm._batch(nxt)))
-            asm.pending.pop(nxt, None)
-            nxt += 1
-            if len(out) == group:
-                yield out
-                out = []
-        if out:  # the next window's read would delay these
-            yield out
-            out = []

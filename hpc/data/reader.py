@@ -36,7 +36,7 @@ from hpc.data.integrity import ShardVerifier, check_split, label_problem
 from hpc.data.shardio import ShardFiles, ShardReadError, check_shards, yielded
 from hpc.data.manifest import Manifest, load_manifest
 from hpc.data.normalize import input_stats, normalizer
-from hpc.data.parallelfill import ParallelAssembler, batch_groups, default_io_threads
+from hpc.data.parallelfill import ParallelAssembler, default_io_threads
 from hpc.data.partition import batches_per_epoch
 from hpc.data.shuffle import RankPlan, rank_plan
 from hpc.data.writer import block_rows as default_block_rows
@@ -295,7 +295,7 @@ class StreamingReader:
             asm = BatchAssembler(self.manifest, plan, self.batch_size, start,
                                  self.batches_per_epoch, self._offsets, self._pool, scatter=self.scatter)
         try:
-            for batches in batch_groups(asm, files, group):
+            for batches in asm.groups(files, group):
                 for step, arrays in batches:
                     if ver is not None:  # the last batch waits until every shard of the epoch verified
                         ver.finish() if step == self.batches_per_epoch - 1 else ver.check()

@@ -15,6 +15,7 @@ import numpy as np
 
 from hpc.data.integrity import path_problems
 from hpc.data.manifest import MANIFEST_NAME, Manifest, load_manifest
+from hpc.data.shardio import dataset_problem
 from hpc.util.io import sha256_file
 from hpc.util.progress import Progress
 
@@ -37,14 +38,9 @@ def _check_shard(m: Manifest, i: int, checksums: bool, counts: np.ndarray | None
             for name, spec in m.fields.items():
                 dpath = info.datasets.get(name, "/" + name)
                 ds = f.get(dpath)
-                if not isinstance(ds, h5py.Dataset):
-                    out.append(f"{path}: no dataset {dpath} (field {name!r})")
-                    continue
-                if ds.dtype.name != spec.dtype or tuple(ds.shape[1:]) != spec.shape:
-                    out.append(f"{path}:{dpath}: {ds.dtype}{list(ds.shape[1:])}, manifest says "
-                               f"{spec.dtype}{list(spec.shape)} (field {name!r})")
-                if ds.shape[0] != info.samples:
-                    out.append(f"{path}:{dpath}: {ds.shape[0]} rows, manifest says {info.samples} (field {name!r})")
+                problem = dataset_problem(path, dpath, ds, spec, info.samples, name)
+                if problem:
+                    out.append(problem)
                 elif checksums and counts is not None and name == "y":
                     step = 1 << 20
                     for a in range(0, info.samples, step):
